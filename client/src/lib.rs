@@ -1,0 +1,1 @@
+//! lockd client (in progress).
