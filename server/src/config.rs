@@ -1,0 +1,165 @@
+//! Server configuration: addresses, data directory, timings and size limits. Every timing is
+//! configurable so tests run fast (DESIGN §3a.15). Loaded from flags and/or a TOML file with
+//! the same keys (see `main.rs`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Configuration of one lockd node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's id in the cluster.
+    pub id: u64,
+    /// Directory of the redb database.
+    pub data_dir: PathBuf,
+    /// Address clients connect to.
+    pub client_addr: String,
+    /// Address peers connect to.
+    pub peer_addr: String,
+    /// Cluster identity, fixed at bootstrap: its hash is the cluster id.
+    pub cluster_token: String,
+    /// Length of one tick: session deadlines are checked once per tick.
+    pub tick_ms: u64,
+    /// Smallest session TTL granted; shorter requests are raised to it.
+    pub session_ttl_min_ms: u64,
+    /// Largest session TTL granted; longer requests are lowered to it.
+    pub session_ttl_max_ms: u64,
+    /// TTL of a connection's implicit session (it lives while the connection does).
+    pub implicit_session_ttl_ms: u64,
+    /// Bound on the clock's rate error, in parts per million, told to clients.
+    pub drift_ppm: u64,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// Largest node data, in bytes.
+    pub max_data: usize,
+    /// Largest proposal (one request, a `multi` included), in bytes.
+    pub max_proposal: usize,
+    /// Most entries in one group commit.
+    pub max_batch: usize,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Log entries kept below the applied index before compaction.
+    pub log_retain: u64,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: 1,
+            data_dir: PathBuf::from("lockd-data"),
+            client_addr: "127.0.0.1:7001".to_string(),
+            peer_addr: "127.0.0.1:7101".to_string(),
+            cluster_token: "lockd".to_string(),
+            tick_ms: 100,
+            session_ttl_min_ms: 1_000,
+            session_ttl_max_ms: 300_000,
+            implicit_session_ttl_ms: 30_000,
+            drift_ppm: 1_000,
+            max_frame: lockd_protocol::DEFAULT_MAX_FRAME,
+            max_data: 1024 * 1024,
+            max_proposal: 3 * 1024 * 1024,
+            max_batch: 1024,
+            max_connections: 10_000,
+            log_retain: 10_000,
+            log_format: "text".to_string(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Settings for tests: short ticks and TTLs, everything else default.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            client_addr: "127.0.0.1:0".to_string(),
+            tick_ms: 10,
+            session_ttl_min_ms: 50,
+            implicit_session_ttl_ms: 2_000,
+            ..Config::default()
+        }
+    }
+
+    /// Checks that the limits fit together (DESIGN §3a.14).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: &str| Err(ConfigError(m.to_string()));
+        if self.tick_ms == 0 {
+            return fail("tick_ms must be > 0");
+        }
+        if self.session_ttl_min_ms < 2 * self.tick_ms {
+            return fail("session_ttl_min_ms must be at least two ticks");
+        }
+        if self.session_ttl_min_ms > self.session_ttl_max_ms {
+            return fail("session_ttl_min_ms exceeds session_ttl_max_ms");
+        }
+        if self.max_frame > lockd_protocol::MAX_FRAME_LIMIT {
+            return fail("max_frame exceeds the 64 MiB ceiling");
+        }
+        if self.max_data + 2048 > self.max_proposal {
+            return fail("max_proposal must exceed max_data by at least 2 KiB (path and headers)");
+        }
+        if self.max_proposal + 4096 > self.max_frame {
+            return fail("max_frame must exceed max_proposal by at least 4 KiB");
+        }
+        if self.max_batch == 0 || self.max_connections == 0 {
+            return fail("max_batch and max_connections must be > 0");
+        }
+        if self.drift_ppm >= 100_000 {
+            return fail("drift_ppm must be below 100000 (10%)");
+        }
+        Ok(())
+    }
+
+    /// The tick as a duration.
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.tick_ms)
+    }
+
+    /// Clamps a requested TTL into the configured bounds.
+    pub fn clamp_ttl(&self, requested_ms: u64) -> u64 {
+        requested_ms.clamp(self.session_ttl_min_ms, self.session_ttl_max_ms)
+    }
+
+    /// The cluster id derived from the token (FNV-1a, stable across versions).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_token.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ byte as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_test_settings_are_valid() {
+        Config::default().validate().unwrap();
+        Config::for_tests("x".into()).validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_limits_that_do_not_fit() {
+        let config = Config { max_data: 4 * 1024 * 1024, ..Config::default() };
+        assert!(config.validate().is_err());
+        let config = Config { session_ttl_min_ms: 10, ..Config::default() };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn clamps_ttl() {
+        let config = Config::default();
+        assert_eq!(config.clamp_ttl(1), 1_000);
+        assert_eq!(config.clamp_ttl(5_000), 5_000);
+        assert_eq!(config.clamp_ttl(u64::MAX), 300_000);
+    }
+}

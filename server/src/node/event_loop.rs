@@ -1,0 +1,243 @@
+//! The node's event loop: one thread that owns the log's tail, the session deadlines and the
+//! group commit.
+//!
+//! Each cycle takes every message waiting (up to `max_batch` proposals), advances the tick,
+//! proposes expiry of sessions past their deadline, numbers the proposals as log entries of
+//! the current term, and commits them with `Storage::commit_batch`: append + apply + applied
+//! index in one transaction and one fsync. Only then are proposers answered (DESIGN §3a.1),
+//! and keepalives for sessions that just expired are answered `Expired` only after the
+//! expiry entry applied (§3a.4). A storage failure stops the loop: after a failed fsync the
+//! node cannot know what is durable, so it fails stop rather than answer wrongly.
+//!
+//! With one voter, "replicate and commit" is "append to my own log and commit"; the Raft core
+//! replaces exactly that step.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use lockd_protocol::{Error, KeepAliveResult, SessionEventKind, SessionId};
+use tokio::sync::{broadcast, oneshot};
+
+use super::deadlines::Deadlines;
+use super::NodeStatus;
+use crate::config::Config;
+use crate::fsm::{Applied, Command};
+use crate::raft::{Entry, EntryKind};
+use crate::storage::{Batch, HardState, Storage, StorageError};
+
+/// Messages to the event loop.
+#[derive(Debug)]
+pub enum LoopMsg {
+    /// Append, commit and apply a command; answer with its outcome.
+    Propose { command: Command, reply: oneshot::Sender<Result<Applied, Error>> },
+    /// Renew sessions; answer one result per session.
+    KeepAlive { sessions: Vec<SessionId>, reply: oneshot::Sender<Vec<(SessionId, KeepAliveResult)>> },
+    /// An implicit session's connection closed: let it expire if the close is lost.
+    Unpin { session: SessionId },
+    /// Commit what is queued, then stop.
+    Shutdown,
+}
+
+/// A session that ended, as broadcast to connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionEnded {
+    pub session: SessionId,
+    pub revision: u64,
+    pub kind: SessionEventKind,
+}
+
+/// State owned by the loop thread.
+pub struct EventLoop {
+    config: Config,
+    storage: Storage,
+    status: std::sync::Arc<NodeStatus>,
+    events: broadcast::Sender<SessionEnded>,
+    deadlines: Deadlines,
+    /// Current term; this node is its leader.
+    term: u64,
+    /// Index of the last entry in the log (all of it committed and applied).
+    last_index: u64,
+    /// Entry time: `time_base_ms` + monotonic time since `clock_base`.
+    time_base_ms: u64,
+    clock_base: Instant,
+    /// Proposals of this cycle with their repliers (None for the loop's own).
+    pending: Vec<(EntryKind, Option<oneshot::Sender<Result<Applied, Error>>>)>,
+    keepalive_replies: Vec<(oneshot::Sender<Vec<(SessionId, KeepAliveResult)>>, Vec<(SessionId, KeepAliveResult)>)>,
+}
+
+impl std::fmt::Debug for EventLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop").field("term", &self.term).field("last_index", &self.last_index).finish()
+    }
+}
+
+impl EventLoop {
+    /// Recovers from storage, starts a new term and commits its no-op entry, and restarts
+    /// every session's deadline with a full TTL.
+    pub fn start(
+        config: Config,
+        storage: Storage,
+        status: std::sync::Arc<NodeStatus>,
+        events: broadcast::Sender<SessionEnded>,
+    ) -> Result<EventLoop, StorageError> {
+        let recovered = storage.recover()?;
+        let mut this = EventLoop {
+            term: recovered.hard_state.term,
+            last_index: recovered.last_index,
+            time_base_ms: recovered.last_time_ms,
+            clock_base: Instant::now(),
+            config,
+            storage,
+            status,
+            events,
+            deadlines: Deadlines::default(),
+            pending: Vec::new(),
+            keepalive_replies: Vec::new(),
+        };
+        // A new term, whose first entry commits everything before it (§3.6.2 / §6.4: no read
+        // or keepalive is served before an entry of the current term has committed).
+        this.term += 1;
+        this.pending.push((EntryKind::Noop, None));
+        this.commit_pending()?;
+        for (session, record) in &recovered.sessions {
+            this.deadlines.insert(*session, record.ttl_ms, this.config.tick_ms, false, 0);
+        }
+        tracing::info!(term = this.term, index = this.last_index, sessions = recovered.sessions.len(), "recovered");
+        Ok(this)
+    }
+
+    fn now_tick(&self) -> u64 {
+        (self.clock_base.elapsed().as_millis() as u64) / self.config.tick_ms
+    }
+
+    fn entry_time_ms(&self) -> u64 {
+        self.time_base_ms + self.clock_base.elapsed().as_millis() as u64
+    }
+
+    /// Runs until `Shutdown` or until every sender is gone.
+    pub fn run(mut self, rx: Receiver<LoopMsg>) -> Result<(), StorageError> {
+        let tick = Duration::from_millis(self.config.tick_ms);
+        let mut next_tick = Instant::now() + tick;
+        let mut stop = false;
+        while !stop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match rx.recv_timeout(wait) {
+                Ok(msg) => Some(msg),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if Instant::now() >= next_tick {
+                self.expire_due();
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+            }
+            let mut msg = first;
+            while let Some(m) = msg {
+                stop |= self.handle(m);
+                if stop || self.pending.len() >= self.config.max_batch {
+                    break;
+                }
+                msg = rx.try_recv().ok();
+            }
+            if let Err(e) = self.commit_pending() {
+                tracing::error!(error = %e, "storage failed; stopping the node");
+                return Err(e);
+            }
+            self.send_keepalive_replies();
+        }
+        Ok(())
+    }
+
+    /// Queues a message's work. True on `Shutdown`.
+    fn handle(&mut self, msg: LoopMsg) -> bool {
+        match msg {
+            LoopMsg::Propose { command, reply } => {
+                self.pending.push((EntryKind::Command(command), Some(reply)))
+            }
+            LoopMsg::KeepAlive { sessions, reply } => {
+                let now = self.now_tick();
+                let results = sessions
+                    .iter()
+                    .map(|&s| {
+                        let result = match self.deadlines.renew(s, now) {
+                            Some(ttl_ms) => KeepAliveResult::Ok { ttl_ms },
+                            None => KeepAliveResult::Expired,
+                        };
+                        (s, result)
+                    })
+                    .collect();
+                self.keepalive_replies.push((reply, results));
+            }
+            LoopMsg::Unpin { session } => {
+                let now = self.now_tick();
+                self.deadlines.unpin(session, now);
+            }
+            LoopMsg::Shutdown => return true,
+        }
+        false
+    }
+
+    /// Proposes expiry of every session past its deadline. The keepalives of this cycle that
+    /// name them find them gone and get `Expired`, sent after the expiry entry applied.
+    fn expire_due(&mut self) {
+        let expired = self.deadlines.take_expired(self.now_tick());
+        if !expired.is_empty() {
+            tracing::info!(count = expired.len(), live = self.deadlines.len(), "expiring sessions");
+            self.pending.push((EntryKind::Command(Command::Expire { sessions: expired }), None));
+        }
+    }
+
+    /// Appends the pending commands as entries, commits and applies them, answers proposers.
+    fn commit_pending(&mut self) -> Result<(), StorageError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let time_ms = self.entry_time_ms();
+        let pending = std::mem::take(&mut self.pending);
+        let mut entries = Vec::with_capacity(pending.len());
+        let mut repliers = Vec::with_capacity(pending.len());
+        for (kind, reply) in pending {
+            self.last_index += 1;
+            entries.push(Entry { index: self.last_index, term: self.term, proposer_term: self.term, time_ms, kind });
+            repliers.push(reply);
+        }
+        let hard_state = HardState { term: self.term, vote: self.config.id, commit: self.last_index };
+        let batch = Batch { entries, hard_state, apply_to: self.last_index };
+        let outcomes = match self.storage.commit_batch(&batch) {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                for reply in repliers.into_iter().flatten() {
+                    let _ = reply.send(Err(Error::Storage(e.to_string())));
+                }
+                return Err(e);
+            }
+        };
+        self.status.set_indexes(self.term, self.last_index);
+        let now = self.now_tick();
+        for ((_, applied), reply) in outcomes.into_iter().zip(repliers) {
+            if let Some(grant) = applied.opened_session {
+                let implicit = matches!(
+                    batch.entries.iter().find(|e| e.index == grant.session.0).map(|e| &e.kind),
+                    Some(EntryKind::Command(Command::OpenSession { implicit: true, .. }))
+                );
+                self.deadlines.insert(grant.session, grant.ttl_ms, self.config.tick_ms, implicit, now);
+            }
+            for &(session, kind) in &applied.ended_sessions {
+                self.deadlines.remove(session);
+                let _ = self.events.send(SessionEnded { session, revision: applied.revision, kind });
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(Ok(applied));
+            }
+        }
+        Ok(())
+    }
+
+    fn send_keepalive_replies(&mut self) {
+        for (reply, results) in self.keepalive_replies.drain(..) {
+            let _ = reply.send(results);
+        }
+    }
+}

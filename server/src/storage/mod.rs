@@ -1,0 +1,272 @@
+//! Durable state of a node in one redb database (DESIGN §5).
+//!
+//! Tables: `raft_log` (index → entry), `raft_state` (term, vote, commit, identity, first log
+//! index), and the state machine's tables (`nodes`, `sessions`, `ephemerals`, `dedup`,
+//! `fsm_meta`). [`Storage::commit_batch`] is the group commit: appending a batch of entries,
+//! the hard state, applying the committed entries and recording the applied index happen in
+//! one write transaction with one fsync, so a crash never applies an entry twice nor loses an
+//! acknowledged one. This module does no networking and knows nothing of clients.
+
+pub mod backend;
+mod tables;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use lockd_protocol::codec::{from_bytes, to_bytes};
+use lockd_protocol::SessionId;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend};
+
+use crate::fsm::{self, Applied, FsmRead, SessionRecord, StoreError};
+use crate::raft::Entry;
+pub use tables::{FsmTxn, FsmView};
+use tables::{RAFT_LOG, RAFT_STATE, SESSIONS};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("redb: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Fsm(#[from] StoreError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self {
+                StorageError::Redb(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Term, vote and commit index: what Raft must persist before it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HardState {
+    pub term: u64,
+    pub vote: u64,
+    pub commit: u64,
+}
+
+/// Who this data directory belongs to (DESIGN §3a.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster_id: u64,
+    pub node_id: u64,
+    /// Random, drawn when the data directory was created.
+    pub incarnation: u64,
+}
+
+/// What a node finds on disk when it starts.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    pub identity: Option<Identity>,
+    pub hard_state: HardState,
+    pub applied: fsm::AppliedState,
+    pub last_index: u64,
+    pub last_term: u64,
+    /// Entry time of the last entry in the log.
+    pub last_time_ms: u64,
+    pub sessions: Vec<(SessionId, SessionRecord)>,
+}
+
+/// One group commit: entries to append (already numbered), the new hard state, and the index
+/// up to which entries are committed and must be applied.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub entries: Vec<Entry>,
+    pub hard_state: HardState,
+    /// Apply every entry with index ≤ this (and > the applied index).
+    pub apply_to: u64,
+}
+
+/// The node's database.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    db: Arc<Database>,
+    /// Entries kept below the applied index before the log is compacted.
+    log_retain: u64,
+}
+
+const KEY_TERM: &str = "term";
+const KEY_VOTE: &str = "vote";
+const KEY_COMMIT: &str = "commit";
+const KEY_CLUSTER: &str = "cluster_id";
+const KEY_NODE: &str = "node_id";
+const KEY_INCARNATION: &str = "incarnation";
+const KEY_FIRST_INDEX: &str = "first_index";
+
+/// Compaction deletes at most this many entries per batch, to keep commits short.
+const COMPACT_STEP: u64 = 4096;
+
+impl Storage {
+    /// Opens (or creates) the database file `dir/lockd.redb`.
+    pub fn open(dir: &Path, log_retain: u64) -> Result<Storage, StorageError> {
+        std::fs::create_dir_all(dir)?;
+        let db = Database::create(dir.join("lockd.redb"))?;
+        Self::init(db, log_retain)
+    }
+
+    /// Opens a database on a custom backend (tests: one that loses unsynced writes).
+    pub fn with_backend(backend: impl StorageBackend, log_retain: u64) -> Result<Storage, StorageError> {
+        let db = Database::builder().create_with_backend(backend)?;
+        Self::init(db, log_retain)
+    }
+
+    fn init(db: Database, log_retain: u64) -> Result<Storage, StorageError> {
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(RAFT_LOG)?;
+            txn.open_table(RAFT_STATE)?;
+            let mut fsm_txn = FsmTxn::open(&txn)?;
+            fsm::bootstrap(&mut fsm_txn)?;
+        }
+        txn.commit()?;
+        Ok(Storage { db: Arc::new(db), log_retain })
+    }
+
+    /// Records the identity of a new data directory. Refuses to overwrite another one.
+    pub fn set_identity(&self, identity: Identity) -> Result<(), StorageError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut state = txn.open_table(RAFT_STATE)?;
+            if let Some(existing) = state.get(KEY_CLUSTER)? {
+                if existing.value() != identity.cluster_id {
+                    return Err(StorageError::Corrupt("data directory belongs to another cluster".into()));
+                }
+            }
+            state.insert(KEY_CLUSTER, identity.cluster_id)?;
+            state.insert(KEY_NODE, identity.node_id)?;
+            state.insert(KEY_INCARNATION, identity.incarnation)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Reads everything a starting node needs.
+    pub fn recover(&self) -> Result<Recovered, StorageError> {
+        let txn = self.db.begin_read()?;
+        let state = txn.open_table(RAFT_STATE)?;
+        let get = |key: &str| -> Result<Option<u64>, StorageError> {
+            Ok(state.get(key)?.map(|v| v.value()))
+        };
+        let identity = match (get(KEY_CLUSTER)?, get(KEY_NODE)?, get(KEY_INCARNATION)?) {
+            (Some(cluster_id), Some(node_id), Some(incarnation)) => {
+                Some(Identity { cluster_id, node_id, incarnation })
+            }
+            _ => None,
+        };
+        let hard_state = HardState {
+            term: get(KEY_TERM)?.unwrap_or(0),
+            vote: get(KEY_VOTE)?.unwrap_or(0),
+            commit: get(KEY_COMMIT)?.unwrap_or(0),
+        };
+        let log = txn.open_table(RAFT_LOG)?;
+        let (last_index, last_term, last_time_ms) = match log.last()? {
+            Some((_, bytes)) => {
+                let entry: Entry = decode(bytes.value())?;
+                (entry.index, entry.term, entry.time_ms)
+            }
+            None => (0, 0, 0),
+        };
+        let view = FsmView::new(&txn);
+        let applied = view.applied()?;
+        let mut sessions = Vec::new();
+        for item in txn.open_table(SESSIONS)?.iter()? {
+            let (id, bytes) = item?;
+            sessions.push((SessionId(id.value()), decode(bytes.value())?));
+        }
+        Ok(Recovered {
+            identity,
+            hard_state,
+            applied,
+            last_index,
+            last_term,
+            last_time_ms: last_time_ms.max(applied.time_ms),
+            sessions,
+        })
+    }
+
+    /// The group commit: appends `batch.entries`, stores the hard state, applies entries up to
+    /// `batch.apply_to` and records the applied index, all in one transaction made durable
+    /// with one fsync. Returns the outcome of each applied entry, in order.
+    pub fn commit_batch(&self, batch: &Batch) -> Result<Vec<(u64, Applied)>, StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut outcomes = Vec::new();
+        {
+            let mut log = txn.open_table(RAFT_LOG)?;
+            for entry in &batch.entries {
+                log.insert(entry.index, to_bytes(entry).map_err(corrupt)?.as_slice())?;
+            }
+            let mut state = txn.open_table(RAFT_STATE)?;
+            state.insert(KEY_TERM, batch.hard_state.term)?;
+            state.insert(KEY_VOTE, batch.hard_state.vote)?;
+            state.insert(KEY_COMMIT, batch.hard_state.commit)?;
+
+            let mut fsm_txn = FsmTxn::open(&txn)?;
+            let mut next = fsm_txn.applied()?.index + 1;
+            while next <= batch.apply_to {
+                // Entries of this batch are usually the ones to apply: avoid re-reading them.
+                let entry = match batch.entries.iter().find(|e| e.index == next) {
+                    Some(entry) => entry.clone(),
+                    None => match log.get(next)? {
+                        Some(bytes) => decode(bytes.value())?,
+                        None => return Err(StorageError::Corrupt(format!("log entry {next} missing"))),
+                    },
+                };
+                outcomes.push((next, fsm::apply(&mut fsm_txn, &entry)?));
+                next += 1;
+            }
+            compact(&mut log, &mut state, batch.apply_to, self.log_retain)?;
+        }
+        txn.commit()?;
+        Ok(outcomes)
+    }
+
+    /// A consistent read view of the applied state.
+    pub fn read(&self) -> Result<redb::ReadTransaction, StorageError> {
+        Ok(self.db.begin_read()?)
+    }
+}
+
+/// Deletes log entries more than `retain` below `applied`, a bounded step at a time.
+fn compact(
+    log: &mut redb::Table<u64, &[u8]>,
+    state: &mut redb::Table<&str, u64>,
+    applied: u64,
+    retain: u64,
+) -> Result<(), StorageError> {
+    let first = state.get(KEY_FIRST_INDEX)?.map(|v| v.value()).unwrap_or(1);
+    let keep_from = applied.saturating_sub(retain);
+    if keep_from <= first + COMPACT_STEP / 4 {
+        return Ok(());
+    }
+    let until = keep_from.min(first + COMPACT_STEP);
+    for index in first..until {
+        log.remove(index)?;
+    }
+    state.insert(KEY_FIRST_INDEX, until)?;
+    Ok(())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(e.to_string())
+}
+
+pub(crate) fn decode<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, StorageError> {
+    from_bytes(bytes).map_err(corrupt)
+}
