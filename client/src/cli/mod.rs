@@ -1,0 +1,1 @@
+//! lockctl (in progress).
