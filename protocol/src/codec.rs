@@ -7,6 +7,8 @@
 
 use std::marker::PhantomData;
 
+use bincode::enc::write::{SizeWriter, Writer};
+use bincode::error::EncodeError;
 use bincode::{Decode, Encode};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -120,32 +122,65 @@ impl<In, Out: Encode> Encoder<Out> for FrameCodec<In, Out> {
 }
 
 /// Appends one frame holding `item` to `dst`. On error `dst` is left as it was.
+///
+/// `max_frame` is clamped to [`MAX_FRAME_LIMIT`] (so the length always fits the `u32`
+/// prefix), and the payload is written through a writer that stops at the limit: an oversized
+/// message costs at most `max_frame` bytes of buffer before it is refused, however large it is.
 pub fn encode_frame<T: Encode>(
     item: &T,
     max_frame: usize,
     dst: &mut BytesMut,
 ) -> Result<(), FrameError> {
+    let max_frame = max_frame.min(MAX_FRAME_LIMIT);
     let start = dst.len();
     dst.put_u32(0);
-    let mut writer = dst.writer();
-    let written = bincode::encode_into_std_write(item, &mut writer, wire_config());
-    let dst = writer.into_inner();
-    let len = match written {
-        Ok(n) => n,
-        Err(e) => {
-            dst.truncate(start);
-            return Err(FrameError::Encode(e.to_string()));
-        }
+    let mut writer = LimitedWriter {
+        dst: &mut *dst,
+        remaining: max_frame,
+        exceeded: false,
     };
-    if len > max_frame {
+    let written = bincode::encode_into_writer(item, &mut writer, wire_config());
+    let exceeded = writer.exceeded;
+    let remaining = writer.remaining;
+    if let Err(e) = written {
         dst.truncate(start);
-        return Err(FrameError::TooLarge {
-            len: len as u64,
-            max: max_frame as u64,
-        });
+        if exceeded {
+            // Measure the whole message (without buffering it) to report its real size.
+            let mut size = SizeWriter::default();
+            let len = match bincode::encode_into_writer(item, &mut size, wire_config()) {
+                Ok(()) => size.bytes_written as u64,
+                Err(_) => max_frame as u64 + 1,
+            };
+            return Err(FrameError::TooLarge {
+                len,
+                max: max_frame as u64,
+            });
+        }
+        return Err(FrameError::Encode(e.to_string()));
     }
+    let len = max_frame - remaining;
+    // Cannot truncate: `len <= max_frame <= MAX_FRAME_LIMIT < u32::MAX`.
     dst[start..start + LEN_BYTES].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
+}
+
+/// Appends to a frame's buffer and fails instead of growing it past the frame limit.
+struct LimitedWriter<'a> {
+    dst: &'a mut BytesMut,
+    remaining: usize,
+    exceeded: bool,
+}
+
+impl Writer for LimitedWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
+        if bytes.len() > self.remaining {
+            self.exceeded = true;
+            return Err(EncodeError::Other("frame limit exceeded"));
+        }
+        self.dst.extend_from_slice(bytes);
+        self.remaining -= bytes.len();
+        Ok(())
+    }
 }
 
 /// Encodes a value with the wire configuration (no frame header); used for stored records.
