@@ -44,6 +44,7 @@ impl From<FrameError> for crate::Error {
     fn from(e: FrameError) -> Self {
         match e {
             FrameError::TooLarge { len, max } => crate::Error::FrameTooLarge { len, max },
+            FrameError::Malformed(reason) => crate::Error::Malformed(reason),
             other => crate::Error::Malformed(other.to_string()),
         }
     }
