@@ -60,7 +60,7 @@ pub enum Error {
     EphemeralParent { path: String },
     /// One operation of a `multi` failed; nothing was applied.
     #[error("multi operation {index} failed, nothing applied: {error}")]
-    MultiFailed { index: u32, error: Box<Error> },
+    MultiFailed { index: u32, error: Cause },
 
     // --- sessions and exactly-once ---
     /// The session has expired or was closed.
@@ -117,6 +117,63 @@ pub enum Error {
         requested: Revision,
         applied: Revision,
     },
+}
+
+/// The error inside [`Error::MultiFailed`]: an [`Error`] behind a box whose decoding refuses
+/// nesting deeper than [`MAX_CAUSE_DEPTH`], so a small hostile frame of deeply nested
+/// `MultiFailed` cannot overflow the decoder's stack.
+#[derive(Encode, Clone, Debug, PartialEq, Eq)]
+pub struct Cause(pub Box<Error>);
+
+/// How deeply `MultiFailed` errors may nest on the wire (the server never nests them).
+pub const MAX_CAUSE_DEPTH: u32 = 4;
+
+thread_local! {
+    static CAUSE_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+impl<Context> Decode<Context> for Cause {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let depth = CAUSE_DEPTH.with(|d| d.get());
+        if depth >= MAX_CAUSE_DEPTH {
+            return Err(bincode::error::DecodeError::Other(
+                "MultiFailed nested too deeply",
+            ));
+        }
+        CAUSE_DEPTH.with(|d| d.set(depth + 1));
+        let inner = Error::decode(decoder);
+        CAUSE_DEPTH.with(|d| d.set(depth));
+        Ok(Cause(Box::new(inner?)))
+    }
+}
+
+impl<'de, Context> bincode::BorrowDecode<'de, Context> for Cause {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        Self::decode(decoder)
+    }
+}
+
+impl From<Error> for Cause {
+    fn from(error: Error) -> Self {
+        Cause(Box::new(error))
+    }
+}
+
+impl std::ops::Deref for Cause {
+    type Target = Error;
+    fn deref(&self) -> &Error {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl Error {

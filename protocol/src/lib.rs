@@ -13,7 +13,7 @@ pub mod path;
 pub mod types;
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT};
-pub use error::Error;
+pub use error::{Cause, Error};
 pub use message::*;
 pub use types::*;
 

@@ -242,7 +242,7 @@ fn error() -> BoxedStrategy<Error> {
     leaf.prop_recursive(3, 8, 1, |inner| {
         (num32(), inner).prop_map(|(index, error)| Error::MultiFailed {
             index,
-            error: Box::new(error),
+            error: error.into(),
         })
     })
     .boxed()
@@ -550,12 +550,12 @@ proptest! {
 }
 
 #[test]
-fn deeply_nested_multi_failed_round_trips() {
+fn multi_failed_nested_to_the_limit_round_trips() {
     let mut error = Error::NoNode { path: "/a".into() };
-    for index in 0..64 {
+    for index in 0..lockd_protocol::error::MAX_CAUSE_DEPTH {
         error = Error::MultiFailed {
             index,
-            error: Box::new(error),
+            error: error.into(),
         };
     }
     let msg = ServerMessage::Response {
@@ -564,6 +564,28 @@ fn deeply_nested_multi_failed_round_trips() {
         result: Err(error),
     };
     round_trip(&msg).expect("round trip");
+}
+
+#[test]
+fn hostile_deep_nesting_is_malformed_not_a_stack_overflow() {
+    let config = lockd_protocol::codec::wire_config();
+    let leaf = Error::NoNode { path: "/a".into() };
+    let leaf_bytes = bincode::encode_to_vec(&leaf, config).unwrap();
+    let one = Error::MultiFailed {
+        index: 0,
+        error: leaf.into(),
+    };
+    let one_bytes = bincode::encode_to_vec(&one, config).unwrap();
+    let prefix = &one_bytes[..one_bytes.len() - leaf_bytes.len()];
+    // 100,000 levels in a frame of a few hundred KB, built by hand (encoding it would recurse).
+    let mut payload = prefix.repeat(100_000);
+    payload.extend_from_slice(&leaf_bytes);
+    let decoded = bincode::decode_from_slice::<Error, _>(&payload, config);
+    assert!(decoded.is_err(), "deep nesting is refused");
+    // A shallow one decodes after a refused one (the depth counter was restored).
+    let mut ok = prefix.repeat(2);
+    ok.extend_from_slice(&leaf_bytes);
+    assert!(bincode::decode_from_slice::<Error, _>(&ok, config).is_ok());
 }
 
 // ------------------------------------------------------------------------------------------

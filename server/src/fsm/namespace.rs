@@ -127,7 +127,7 @@ fn multi<S: FsmStore>(
         match one {
             Ok(r) => results.push(r),
             Err(error) => {
-                return Ok(Err(Error::MultiFailed { index: index as u32, error: Box::new(error) }))
+                return Ok(Err(Error::MultiFailed { index: index as u32, error: error.into() }))
             }
         }
     }

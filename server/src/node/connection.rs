@@ -27,11 +27,17 @@ use crate::fsm::Command;
 type Conn = Framed<TcpStream, FrameCodec<ClientMessage, ServerMessage>>;
 type Pending = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> + Send>>>;
 
+/// Most operations in one `multi`: the bincode decode budget counts decoded memory, so a
+/// response to a much larger multi could not be decoded by clients.
+const MAX_MULTI_OPS: usize = 10_000;
+
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A completed request.
 enum Done {
+    /// Nothing to send (a keepalive the loop could not answer: the connection is closing).
+    Nothing,
     Reply(ServerMessage),
     /// A write under the implicit session finished: its seq no longer holds the floor.
     ImplicitWrite(u64, ServerMessage),
@@ -168,6 +174,10 @@ impl Connection {
         let mut next = Some(done);
         while let Some(done) = next {
             let message = match done {
+                Done::Nothing => {
+                    next = pending.next().now_or_never().flatten();
+                    continue;
+                }
                 Done::Reply(message) => message,
                 Done::ImplicitWrite(seq, message) => {
                     if let Some(implicit) = &mut self.implicit {
@@ -218,8 +228,12 @@ impl Connection {
                 self.watched_sessions.extend(sessions.iter().copied());
                 let node = self.node.clone();
                 pending.push(Box::pin(async move {
-                    let results = node.keepalive(sessions).await.unwrap_or_default();
-                    Done::Reply(ServerMessage::KeepAliveReply { request_id, results })
+                    // No reply rather than a wrong one: an empty or `Expired` answer would
+                    // misstate sessions that may well be alive.
+                    match node.keepalive(sessions).await {
+                        Ok(results) => Done::Reply(ServerMessage::KeepAliveReply { request_id, results }),
+                        Err(_) => Done::Nothing,
+                    }
                 }));
                 return None;
             }
@@ -343,12 +357,15 @@ fn check_write(op: &WriteOp, config: &crate::Config) -> Result<(), Error> {
             })
             .collect(),
     };
+    if ops.len() > MAX_MULTI_OPS {
+        return Err(Error::RequestTooLarge { len: ops.len() as u64, max: MAX_MULTI_OPS as u64 });
+    }
     let mut total = 0usize;
     for (index, (path, data)) in ops.iter().enumerate() {
         let checked = lockd_protocol::path::validate(path).and_then(|()| data.map_or(Ok(()), check_data));
         if let Err(error) = checked {
             return Err(match op {
-                WriteOp::Multi(_) => Error::MultiFailed { index: index as u32, error: Box::new(error) },
+                WriteOp::Multi(_) => Error::MultiFailed { index: index as u32, error: error.into() },
                 _ => error,
             });
         }

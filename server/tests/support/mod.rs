@@ -46,10 +46,20 @@ impl TestServer {
         let addr = listener.local_addr().expect("addr");
         let dir = config.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(lockd_server::node::run_with_storage(listener, config, storage, async {
-            let _ = stopped.await;
-        }));
-        TestServer { addr, dir, stop: Some(stop), task: Some(task) }
+        let task = tokio::spawn(lockd_server::node::run_with_storage(
+            listener,
+            config,
+            storage,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Graceful shutdown; returns the server's result.
@@ -58,7 +68,10 @@ impl TestServer {
             let _ = stop.send(());
         }
         let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(10), task).await.expect("shutdown in time").expect("join")
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("shutdown in time")
+            .expect("join")
     }
 }
 
@@ -72,7 +85,11 @@ impl Raw {
     /// Connects and says Hello.
     pub async fn connect(addr: SocketAddr) -> Raw {
         let mut raw = Raw::connect_no_hello(addr).await;
-        raw.send(ClientMessage::Hello(Hello { protocol_version: PROTOCOL_VERSION, client_name: "test".into() })).await;
+        raw.send(ClientMessage::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_name: "test".into(),
+        }))
+        .await;
         match raw.recv().await {
             Some(ServerMessage::HelloOk(_)) => raw,
             other => panic!("expected HelloOk, got {other:?}"),
@@ -81,7 +98,10 @@ impl Raw {
 
     pub async fn connect_no_hello(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect");
-        Raw { framed: Framed::new(stream, FrameCodec::default()), next_id: 1 }
+        Raw {
+            framed: Framed::new(stream, FrameCodec::default()),
+            next_id: 1,
+        }
     }
 
     pub async fn send(&mut self, message: ClientMessage) {
@@ -102,12 +122,18 @@ impl Raw {
     pub async fn request(&mut self, request: Request) -> (u64, Result<Reply, Error>) {
         let request_id = self.next_id;
         self.next_id += 1;
-        self.send(ClientMessage::Request { request_id, request }).await;
+        self.send(ClientMessage::Request {
+            request_id,
+            request,
+        })
+        .await;
         loop {
             match self.recv().await {
-                Some(ServerMessage::Response { request_id: id, revision, result }) if id == request_id => {
-                    return (revision, result)
-                }
+                Some(ServerMessage::Response {
+                    request_id: id,
+                    revision,
+                    result,
+                }) if id == request_id => return (revision, result),
                 Some(_) => continue,
                 None => panic!("connection closed while waiting for request {request_id}"),
             }
@@ -119,7 +145,12 @@ impl Raw {
     }
 
     pub async fn write_in(&mut self, session: SessionSeq, op: WriteOp) -> Result<Reply, Error> {
-        self.request(Request::Write { session: Some(session), op }).await.1
+        self.request(Request::Write {
+            session: Some(session),
+            op,
+        })
+        .await
+        .1
     }
 
     pub async fn create(&mut self, path: &str, data: &[u8]) -> Result<Reply, Error> {
@@ -127,13 +158,21 @@ impl Raw {
     }
 
     pub async fn set(&mut self, path: &str, data: &[u8]) -> Result<Reply, Error> {
-        self.write(WriteOp::Set(SetOp { path: path.into(), data: data.to_vec(), expected_version: None })).await
+        self.write(WriteOp::Set(SetOp {
+            path: path.into(),
+            data: data.to_vec(),
+            expected_version: None,
+        }))
+        .await
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Reply, Error> {
-        self.request(Request::Read { consistency: Consistency::Linearizable, op: ReadOp::Get { path: path.into() } })
-            .await
-            .1
+        self.request(Request::Read {
+            consistency: Consistency::Linearizable,
+            op: ReadOp::Get { path: path.into() },
+        })
+        .await
+        .1
     }
 
     pub async fn open_session(&mut self, ttl_ms: u64) -> SessionGrant {
@@ -143,13 +182,23 @@ impl Raw {
         }
     }
 
-    pub async fn keepalive(&mut self, sessions: Vec<SessionId>) -> Vec<(SessionId, lockd_protocol::KeepAliveResult)> {
+    pub async fn keepalive(
+        &mut self,
+        sessions: Vec<SessionId>,
+    ) -> Vec<(SessionId, lockd_protocol::KeepAliveResult)> {
         let request_id = self.next_id;
         self.next_id += 1;
-        self.send(ClientMessage::KeepAlive { request_id, sessions }).await;
+        self.send(ClientMessage::KeepAlive {
+            request_id,
+            sessions,
+        })
+        .await;
         loop {
             match self.recv().await {
-                Some(ServerMessage::KeepAliveReply { request_id: id, results }) if id == request_id => return results,
+                Some(ServerMessage::KeepAliveReply {
+                    request_id: id,
+                    results,
+                }) if id == request_id => return results,
                 Some(_) => continue,
                 None => panic!("connection closed while waiting for a keepalive reply"),
             }
@@ -158,7 +207,12 @@ impl Raw {
 }
 
 pub fn create_op(path: &str, data: &[u8], ephemeral: bool) -> WriteOp {
-    WriteOp::Create(CreateOp { path: path.into(), data: data.to_vec(), ephemeral, sequential: false })
+    WriteOp::Create(CreateOp {
+        path: path.into(),
+        data: data.to_vec(),
+        ephemeral,
+        sequential: false,
+    })
 }
 
 /// Polls `check` every 10 ms until it returns true, for at most `limit`.
