@@ -118,6 +118,30 @@ impl Raw {
         }
     }
 
+    /// Like [`Raw::request`], but `None` if the connection fails or closes.
+    pub async fn try_request(&mut self, request: Request) -> Option<(u64, Result<Reply, Error>)> {
+        let request_id = self.next_id;
+        self.next_id += 1;
+        self.framed
+            .send(ClientMessage::Request {
+                request_id,
+                request,
+            })
+            .await
+            .ok()?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.framed.next()).await {
+                Ok(Some(Ok(ServerMessage::Response {
+                    request_id: id,
+                    revision,
+                    result,
+                }))) if id == request_id => return Some((revision, result)),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    }
+
     /// Sends one request and waits for its response (other frames are skipped).
     pub async fn request(&mut self, request: Request) -> (u64, Result<Reply, Error>) {
         let request_id = self.next_id;
