@@ -1,0 +1,180 @@
+//! `lockd-bench`: closed-loop workloads against a running lockd, in the shape of
+//! ../shared/bench-anchors.md (64-byte values, 1,000 random keys, warm-up then a measured
+//! window, every client with its own connection). Prints ops/s and latency percentiles.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use argh::FromArgs;
+use hdrhistogram::Histogram;
+use lockd_client::{Client, ClientConfig};
+use rand::{Rng, SeedableRng};
+
+/// Closed-loop benchmark of a running lockd.
+#[derive(FromArgs, Debug)]
+struct Args {
+    /// server address (default 127.0.0.1:7001)
+    #[argh(option, default = "String::from(\"127.0.0.1:7001\")")]
+    addr: String,
+    /// workload: put, get or get-stale (default put)
+    #[argh(option, default = "String::from(\"put\")")]
+    workload: String,
+    /// concurrent clients, comma-separated for several runs (default 1,16)
+    #[argh(option, default = "String::from(\"1,16\")")]
+    clients: String,
+    /// measured seconds per run (default 10)
+    #[argh(option, default = "10")]
+    seconds: u64,
+    /// warm-up seconds per run (default 2)
+    #[argh(option, default = "2")]
+    warmup: u64,
+    /// number of distinct keys (default 1000)
+    #[argh(option, default = "1000")]
+    keys: u64,
+    /// value size in bytes (default 64)
+    #[argh(option, default = "64")]
+    value_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Workload {
+    Put,
+    Get,
+    GetStale,
+}
+
+fn key(i: u64) -> String {
+    format!("/bench/k{i:06}")
+}
+
+async fn prepare(addr: &str, keys: u64, value: &[u8]) -> Result<(), lockd_client::Error> {
+    let client = Client::with_config(ClientConfig::new([addr])).await?;
+    match client.create("/bench", Vec::new()).await {
+        Ok(_) | Err(lockd_client::Error::Server(lockd_protocol::Error::NodeExists { .. })) => {}
+        Err(e) => return Err(e),
+    }
+    let mut pending = Vec::new();
+    for i in 0..keys {
+        let client = client.clone();
+        let value = value.to_vec();
+        pending.push(tokio::spawn(async move {
+            match client.create(&key(i), value).await {
+                Ok(_) | Err(lockd_client::Error::Server(lockd_protocol::Error::NodeExists { .. })) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }));
+    }
+    for p in pending {
+        p.await.map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
+    }
+    Ok(())
+}
+
+/// One client's closed loop; records latencies (µs) once `measuring` is set.
+async fn client_loop(
+    addr: String,
+    workload: Workload,
+    keys: u64,
+    value: Vec<u8>,
+    seed: u64,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Result<Histogram<u64>, lockd_client::Error> {
+    let client = Client::with_config(ClientConfig::new([addr.as_str()])).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
+    while !stop.load(Ordering::Relaxed) {
+        let k = key(rng.random_range(0..keys));
+        let start = Instant::now();
+        match workload {
+            Workload::Put => {
+                client.set(&k, value.clone()).await?;
+            }
+            Workload::Get => {
+                client.get(&k).await?;
+            }
+            Workload::GetStale => {
+                client.get(&k).stale().await?;
+            }
+        }
+        if measuring.load(Ordering::Relaxed) {
+            let _ = histogram.record(start.elapsed().as_micros().max(1) as u64);
+        }
+    }
+    Ok(histogram)
+}
+
+async fn run(args: &Args, workload: Workload, clients: usize) -> Result<(), lockd_client::Error> {
+    let value = vec![b'x'; args.value_size];
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                args.addr.clone(),
+                workload,
+                args.keys,
+                value.clone(),
+                c as u64 + 1,
+                measuring.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
+    for t in tasks {
+        let h = t.await.map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
+        let _ = total.add(&h);
+    }
+    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{:<10} clients={:<4} ops/s={:>9.0}  p50={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms  (n={})",
+        args.workload,
+        clients,
+        total.len() as f64 / elapsed.as_secs_f64(),
+        ms(0.5),
+        ms(0.99),
+        ms(0.999),
+        total.max() as f64 / 1000.0,
+        total.len()
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args: Args = argh::from_env();
+    let workload = match args.workload.as_str() {
+        "put" => Workload::Put,
+        "get" => Workload::Get,
+        "get-stale" => Workload::GetStale,
+        other => {
+            eprintln!("lockd-bench: unknown workload {other:?} (put, get, get-stale)");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let client_counts: Result<Vec<usize>, _> = args.clients.split(',').map(|c| c.trim().parse()).collect();
+    let Ok(client_counts) = client_counts else {
+        eprintln!("lockd-bench: --clients takes comma-separated numbers");
+        return std::process::ExitCode::from(2);
+    };
+    if let Err(e) = prepare(&args.addr, args.keys, &vec![b'x'; args.value_size]).await {
+        eprintln!("lockd-bench: preparing keys failed: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    for clients in client_counts {
+        if let Err(e) = run(&args, workload, clients).await {
+            eprintln!("lockd-bench: run with {clients} clients failed: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}
