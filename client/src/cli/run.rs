@@ -31,6 +31,9 @@ pub async fn run(args: Lockctl) -> Result<()> {
         std::env::var("LOCKD_ENDPOINTS").ok(),
     );
     let timeout = seconds(args.timeout, "--timeout")?;
+    if let Some(path) = command_path(&args.command) {
+        crate::error::check_path(path)?;
+    }
     let config = ClientConfig::new(endpoints)
         .client_name(format!("lockctl/{}", env!("CARGO_PKG_VERSION")))
         .request_timeout(timeout)
@@ -159,6 +162,19 @@ pub async fn run(args: Lockctl) -> Result<()> {
         },
     }
     Ok(())
+}
+
+/// The node path a command names, checked before connecting.
+fn command_path(c: &Command) -> Option<&str> {
+    match c {
+        Command::Get(c) => Some(&c.path),
+        Command::Put(c) => Some(&c.path),
+        Command::Create(c) => Some(&c.path),
+        Command::Delete(c) => Some(&c.path),
+        Command::Ls(c) => Some(&c.path),
+        Command::Stat(c) => Some(&c.path),
+        Command::Session(_) | Command::Cluster(_) => None,
+    }
 }
 
 fn seconds(s: f64, flag: &str) -> Result<Duration> {
