@@ -219,16 +219,20 @@ impl Storage {
 
             let mut fsm_txn = FsmTxn::open(&txn)?;
             let mut next = fsm_txn.applied()?.index + 1;
+            let first_new = batch.entries.first().map_or(u64::MAX, |e| e.index);
             while next <= batch.apply_to {
-                // Entries of this batch are usually the ones to apply: avoid re-reading them.
-                let entry = match batch.entries.iter().find(|e| e.index == next) {
-                    Some(entry) => entry.clone(),
+                // Entries of this batch are usually the ones to apply: no need to re-read them.
+                let in_batch = next
+                    .checked_sub(first_new)
+                    .and_then(|offset| batch.entries.get(offset as usize));
+                let outcome = match in_batch {
+                    Some(entry) => fsm::apply(&mut fsm_txn, entry)?,
                     None => match log.get(next)? {
-                        Some(bytes) => decode(bytes.value())?,
+                        Some(bytes) => fsm::apply(&mut fsm_txn, &decode(bytes.value())?)?,
                         None => return Err(StorageError::Corrupt(format!("log entry {next} missing"))),
                     },
                 };
-                outcomes.push((next, fsm::apply(&mut fsm_txn, &entry)?));
+                outcomes.push((next, outcome));
                 next += 1;
             }
             compact(&mut log, &mut state, batch.apply_to, self.log_retain)?;
