@@ -120,7 +120,15 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(Error::Config("no endpoints".into()));
         }
-        let client = Client {
+        let client = Client::unconnected(config);
+        let deadline = Instant::now() + client.inner.config.request_timeout;
+        client.connection(deadline).await?;
+        Ok(client)
+    }
+
+    /// A client that connects on first use.
+    pub(crate) fn unconnected(config: ClientConfig) -> Client {
+        Client {
             inner: Arc::new(Inner {
                 config,
                 next_request_id: AtomicU64::new(1),
@@ -131,10 +139,7 @@ impl Client {
                 default_session: tokio::sync::Mutex::new(None),
                 keepalive_started: AtomicBool::new(false),
             }),
-        };
-        let deadline = Instant::now() + client.inner.config.request_timeout;
-        client.connection(deadline).await?;
-        Ok(client)
+        }
     }
 
     /// The configuration in use.

@@ -1,8 +1,9 @@
 //! Async Rust client for lockd, and the library behind the `lockctl` CLI.
 //!
-//! Layers: [`conn`](crate) (one framed TCP connection with pipelined requests, private) →
-//! [`Client`] (requests, retries, reconnects, the default session) → [`Session`] (keepalives,
-//! safe bound, exactly-once writes). Operations are builders that send when awaited:
+//! Layers: a private connection module (one framed TCP connection, a reader and a writer
+//! task, many requests in flight) → [`Client`] (requests, retries, reconnects, the default
+//! session) → [`Session`] (keepalives, safe bound, exactly-once writes). Operations are
+//! builders that send when awaited:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lockd_client::Error> {

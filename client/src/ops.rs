@@ -661,3 +661,61 @@ impl Session {
         self.client.multi().session(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientConfig;
+
+    #[tokio::test]
+    async fn builders_record_their_options() {
+        let client = Client::unconnected(ClientConfig::default());
+        let c = client.create("/a", b"x".to_vec()).ephemeral().sequential();
+        assert!(c.op.ephemeral && c.op.sequential && c.session.is_none());
+        assert_eq!(c.op.data, b"x");
+        let s = client.set("/a", "y").if_version(4);
+        assert_eq!(s.op.expected_version, Some(4));
+        let d = client.delete("/a").if_version(2);
+        assert_eq!(d.op.expected_version, Some(2));
+        assert!(client.get("/a").stale().stale);
+        let ch = client.children("/").stale().page_size(10);
+        assert!(ch.stale && ch.page_size == 10);
+        assert!(!client.stat("/a").stale);
+        let m = client
+            .multi()
+            .create("/m", "1")
+            .set("/m", "2")
+            .set_if_version("/m", "3", 1)
+            .delete("/n")
+            .delete_if_version("/o", 5)
+            .check("/p", 6);
+        assert_eq!(m.ops.len(), 6);
+        assert_eq!(
+            m.ops[5],
+            MultiOp::Check(CheckOp {
+                path: "/p".into(),
+                version: 6
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_paths_fail_before_connecting() {
+        // Nothing listens at this client's endpoint: the error must come from validation.
+        let client = Client::unconnected(ClientConfig::new(["127.0.0.1:1"]));
+        for err in [
+            client.get("x").await.map(drop),
+            client.create("/a/", "").await.map(drop),
+            client.set("/a/../b", "").await.map(drop),
+            client.multi().check("/ok", 1).delete("bad").await.map(drop),
+        ] {
+            assert!(
+                matches!(
+                    err,
+                    Err(Error::Invalid(lockd_protocol::Error::InvalidPath { .. }))
+                ),
+                "{err:?}"
+            );
+        }
+    }
+}

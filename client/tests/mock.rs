@@ -536,3 +536,83 @@ async fn no_endpoint_reachable_is_connect_failed() {
     let err = Client::with_config(cfg).await.expect_err("nothing there");
     assert!(matches!(err, Error::ConnectFailed { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn reads_in_flight_on_a_lost_connection_are_retried() {
+    let mock = Mock::new().await;
+    let addr = mock.addr.clone();
+    let server = tokio::spawn(async move {
+        let mut conn = mock.accept(1, vec![]).await;
+        let (_, first) = next_request(&mut conn).await;
+        drop(conn);
+        let mut conn = mock.accept(1, vec![]).await;
+        let (rid, again) = next_request(&mut conn).await;
+        assert_eq!(again, first);
+        reply(
+            &mut conn,
+            rid,
+            3,
+            Ok(Reply::Children {
+                names: vec!["a".into()],
+                more: false,
+            }),
+        )
+        .await;
+        conn
+    });
+    let client = Client::with_config(config(&[&addr]))
+        .await
+        .expect("connect");
+    let listed = client.children("/").await.expect("children");
+    assert_eq!((listed.names, listed.revision), (vec!["a".to_string()], 3));
+    let _conn = server.await.expect("mock");
+}
+
+#[tokio::test]
+async fn keepalives_continue_on_a_new_connection() {
+    let mock = Mock::new().await;
+    let addr = mock.addr.clone();
+    let server = tokio::spawn(async move {
+        let mut conn = mock.accept(1, vec![]).await;
+        open_session(&mut conn, 8, 600).await;
+        drop(conn);
+        let mut conn = mock.accept(1, vec![]).await;
+        // Answer keepalives on the new connection for a while.
+        for _ in 0..3 {
+            match recv(&mut conn).await {
+                ClientMessage::KeepAlive {
+                    request_id,
+                    sessions,
+                } => {
+                    assert_eq!(sessions, vec![SessionId(8)]);
+                    let results = vec![(SessionId(8), KeepAliveResult::Ok { ttl_ms: 600 })];
+                    reply_raw(
+                        &mut conn,
+                        ServerMessage::KeepAliveReply {
+                            request_id,
+                            results,
+                        },
+                    )
+                    .await;
+                }
+                other => panic!("expected a keepalive, got {other:?}"),
+            }
+        }
+        conn
+    });
+    let client = Client::with_config(config(&[&addr]))
+        .await
+        .expect("connect");
+    let session = client
+        .session(Duration::from_millis(600))
+        .await
+        .expect("session");
+    let first_bound = session.safe_until().expect("bound");
+    let conn = server.await.expect("mock");
+    assert_ne!(session.status(), SessionStatus::Expired);
+    assert!(
+        session.safe_until().expect("bound") > first_bound,
+        "renewed"
+    );
+    drop(conn);
+}
