@@ -33,7 +33,12 @@ pub enum Command {
     /// A namespace write under a session (the implicit one included), exactly once.
     Write { session: SessionSeq, op: WriteOp },
     /// Opens a session whose id will be this entry's index. The terms are already clamped.
-    OpenSession { ttl_ms: u64, tick_ms: u64, drift_ppm: u64, implicit: bool },
+    OpenSession {
+        ttl_ms: u64,
+        tick_ms: u64,
+        drift_ppm: u64,
+        implicit: bool,
+    },
     /// Closes a session.
     CloseSession { session: SessionId },
     /// Ends sessions whose deadline passed on the leader that proposed this entry.
@@ -56,7 +61,12 @@ pub struct Applied {
 
 impl Applied {
     fn reply(revision: u64, result: Result<Reply, Error>) -> Self {
-        Applied { revision, result, ended_sessions: Vec::new(), opened_session: None }
+        Applied {
+            revision,
+            result,
+            ended_sessions: Vec::new(),
+            opened_session: None,
+        }
     }
 }
 
@@ -76,7 +86,11 @@ pub fn apply<S: FsmStore>(store: &mut S, entry: &Entry) -> Result<Applied, Store
         EntryKind::Noop => Applied::reply(rev, Ok(Reply::SessionClosed)),
         EntryKind::Command(command) => apply_command(store, entry, command)?,
     };
-    store.set_applied(AppliedState { index: rev, term: entry.term, time_ms: entry.time_ms })?;
+    store.set_applied(AppliedState {
+        index: rev,
+        term: entry.term,
+        time_ms: entry.time_ms,
+    })?;
     Ok(applied)
 }
 
@@ -88,7 +102,12 @@ fn apply_command<S: FsmStore>(
     let rev = entry.index;
     match command {
         Command::Write { session, op } => apply_write(store, rev, *session, op),
-        Command::OpenSession { ttl_ms, tick_ms, drift_ppm, implicit } => {
+        Command::OpenSession {
+            ttl_ms,
+            tick_ms,
+            drift_ppm,
+            implicit,
+        } => {
             let id = SessionId(rev);
             let record = SessionRecord {
                 ttl_ms: *ttl_ms,
@@ -98,8 +117,12 @@ fn apply_command<S: FsmStore>(
                 floor: 0,
             };
             store.put_session(id, &record)?;
-            let grant =
-                SessionGrant { session: id, ttl_ms: *ttl_ms, tick_ms: *tick_ms, drift_ppm: *drift_ppm };
+            let grant = SessionGrant {
+                session: id,
+                ttl_ms: *ttl_ms,
+                tick_ms: *tick_ms,
+                drift_ppm: *drift_ppm,
+            };
             let mut applied = Applied::reply(rev, Ok(Reply::SessionOpened(grant)));
             applied.opened_session = Some(grant);
             Ok(applied)
@@ -110,7 +133,9 @@ fn apply_command<S: FsmStore>(
             }
             end_session(store, rev, *session)?;
             let mut applied = Applied::reply(rev, Ok(Reply::SessionClosed));
-            applied.ended_sessions.push((*session, SessionEventKind::Closed));
+            applied
+                .ended_sessions
+                .push((*session, SessionEventKind::Closed));
             Ok(applied)
         }
         Command::Expire { sessions } => {
@@ -122,7 +147,9 @@ fn apply_command<S: FsmStore>(
             for &session in sessions {
                 if store.session(session)?.is_some() {
                     end_session(store, rev, session)?;
-                    applied.ended_sessions.push((session, SessionEventKind::Expired));
+                    applied
+                        .ended_sessions
+                        .push((session, SessionEventKind::Expired));
                 }
             }
             Ok(applied)
@@ -157,11 +184,20 @@ fn apply_write<S: FsmStore>(
     }
     let floor = session.floor;
     if header.seq < floor {
-        let stale = Error::StaleRequest { session: id, seq: header.seq, floor };
+        let stale = Error::StaleRequest {
+            session: id,
+            seq: header.seq,
+            floor,
+        };
         return Ok(Applied::reply(rev, Err(stale)));
     }
     if header.seq >= floor.saturating_add(SEQ_WINDOW) {
-        let beyond = Error::SeqOutOfWindow { session: id, seq: header.seq, floor, window: SEQ_WINDOW };
+        let beyond = Error::SeqOutOfWindow {
+            session: id,
+            seq: header.seq,
+            floor,
+            window: SEQ_WINDOW,
+        };
         return Ok(Applied::reply(rev, Err(beyond)));
     }
     // Duplicates are answered before any version check (§3a.7).
@@ -169,7 +205,14 @@ fn apply_write<S: FsmStore>(
         return Ok(Applied::reply(first.revision, first.result));
     }
     let result = namespace::apply_op(store, rev, id, op)?.map(Reply::Write);
-    store.put_dedup(id, header.seq, &DedupRecord { revision: rev, result: result.clone() })?;
+    store.put_dedup(
+        id,
+        header.seq,
+        &DedupRecord {
+            revision: rev,
+            result: result.clone(),
+        },
+    )?;
     Ok(Applied::reply(rev, result))
 }
 
@@ -183,6 +226,10 @@ fn end_session<S: FsmStore>(store: &mut S, rev: u64, session: SessionId) -> Resu
 }
 
 /// Serves a read from the applied state.
-pub fn read<S: FsmRead>(store: &S, op: &ReadOp, max_children: usize) -> Result<Result<Reply, Error>, StoreError> {
+pub fn read<S: FsmRead>(
+    store: &S,
+    op: &ReadOp,
+    max_children: usize,
+) -> Result<Result<Reply, Error>, StoreError> {
     namespace::read(store, op, max_children)
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use lockd_protocol::path;
 use lockd_protocol::{
-    CheckOp, CreateOp, DeleteOp, Error, MultiOp, MultiResult, ReadOp, Reply, SessionId, SetOp, Stat,
-    WriteOp, WriteResult,
+    CheckOp, CreateOp, DeleteOp, Error, MultiOp, MultiResult, ReadOp, Reply, SessionId, SetOp,
+    Stat, WriteOp, WriteResult,
 };
 
 use super::store::{FsmRead, FsmStore, NodeRecord, StoreError};
@@ -47,7 +47,11 @@ struct Overlay<'a, S> {
 
 impl<'a, S: FsmStore> Overlay<'a, S> {
     fn new(store: &'a mut S) -> Self {
-        Overlay { store, nodes: BTreeMap::new(), ephemerals: BTreeMap::new() }
+        Overlay {
+            store,
+            nodes: BTreeMap::new(),
+            ephemerals: BTreeMap::new(),
+        }
     }
 
     fn get(&self, p: &str) -> Result<Option<NodeRecord>, StoreError> {
@@ -127,7 +131,10 @@ fn multi<S: FsmStore>(
         match one {
             Ok(r) => results.push(r),
             Err(error) => {
-                return Ok(Err(Error::MultiFailed { index: index as u32, error: error.into() }))
+                return Ok(Err(Error::MultiFailed {
+                    index: index as u32,
+                    error: error.into(),
+                }))
             }
         }
     }
@@ -144,13 +151,19 @@ fn create<S: FsmStore>(
         return Ok(Err(e));
     }
     let Some(parent_path) = path::parent(&op.path) else {
-        return Ok(Err(Error::NodeExists { path: op.path.clone() }));
+        return Ok(Err(Error::NodeExists {
+            path: op.path.clone(),
+        }));
     };
     let Some(mut parent) = overlay.get(parent_path)? else {
-        return Ok(Err(Error::NoNode { path: parent_path.to_string() }));
+        return Ok(Err(Error::NoNode {
+            path: parent_path.to_string(),
+        }));
     };
     if parent.ephemeral_owner.is_some() {
-        return Ok(Err(Error::EphemeralParent { path: parent_path.to_string() }));
+        return Ok(Err(Error::EphemeralParent {
+            path: parent_path.to_string(),
+        }));
     }
     let full_path = if op.sequential {
         let p = format!("{}{:010}", op.path, parent.next_sequence);
@@ -191,7 +204,9 @@ fn existing<S: FsmStore>(overlay: &Overlay<'_, S>, p: &str) -> OpResult<NodeReco
     if let Err(e) = path::validate(p) {
         return Ok(Err(e));
     }
-    Ok(overlay.get(p)?.ok_or_else(|| Error::NoNode { path: p.to_string() }))
+    Ok(overlay.get(p)?.ok_or_else(|| Error::NoNode {
+        path: p.to_string(),
+    }))
 }
 
 fn version_matches(p: &str, expected: Option<u64>, node: &NodeRecord) -> Result<(), Error> {
@@ -223,7 +238,9 @@ fn set<S: FsmStore>(overlay: &mut Overlay<'_, S>, rev: u64, op: &SetOp) -> OpRes
 
 fn delete<S: FsmStore>(overlay: &mut Overlay<'_, S>, _rev: u64, op: &DeleteOp) -> OpResult<()> {
     if op.path == "/" {
-        return Ok(Err(Error::InvalidArgument("the root node cannot be deleted".to_string())));
+        return Ok(Err(Error::InvalidArgument(
+            "the root node cannot be deleted".to_string(),
+        )));
     }
     let node = match existing(overlay, &op.path)? {
         Ok(node) => node,
@@ -233,14 +250,20 @@ fn delete<S: FsmStore>(overlay: &mut Overlay<'_, S>, _rev: u64, op: &DeleteOp) -
         return Ok(Err(e));
     }
     if node.num_children > 0 {
-        return Ok(Err(Error::NotEmpty { path: op.path.clone() }));
+        return Ok(Err(Error::NotEmpty {
+            path: op.path.clone(),
+        }));
     }
     unlink(overlay, &op.path, &node)?;
     Ok(Ok(()))
 }
 
 /// Removes a childless node and updates its parent and its owner's ephemeral set.
-fn unlink<S: FsmStore>(overlay: &mut Overlay<'_, S>, p: &str, node: &NodeRecord) -> Result<(), StoreError> {
+fn unlink<S: FsmStore>(
+    overlay: &mut Overlay<'_, S>,
+    p: &str,
+    node: &NodeRecord,
+) -> Result<(), StoreError> {
     if let Some(parent_path) = path::parent(p) {
         if let Some(mut parent) = overlay.get(parent_path)? {
             parent.num_children = parent.num_children.saturating_sub(1);
@@ -296,9 +319,17 @@ pub fn read<S: FsmRead>(store: &S, op: &ReadOp, max_children: usize) -> OpResult
         (_, None) => Err(Error::NoNode { path: p.clone() }),
         (ReadOp::Get { .. }, Some(node)) => {
             let stat = stat_of(&node);
-            Ok(Reply::Node { data: node.data, stat })
+            Ok(Reply::Node {
+                data: node.data,
+                stat,
+            })
         }
-        (ReadOp::Children { start_after, limit, .. }, Some(_)) => {
+        (
+            ReadOp::Children {
+                start_after, limit, ..
+            },
+            Some(_),
+        ) => {
             let limit = match *limit as usize {
                 0 => DEFAULT_CHILDREN_PAGE,
                 n => n,

@@ -80,7 +80,12 @@ pub trait FsmStore: FsmRead {
     fn remove_session(&mut self, id: SessionId) -> Result<(), StoreError>;
     fn add_ephemeral(&mut self, id: SessionId, path: &str) -> Result<(), StoreError>;
     fn remove_ephemeral(&mut self, id: SessionId, path: &str) -> Result<(), StoreError>;
-    fn put_dedup(&mut self, id: SessionId, seq: u64, record: &DedupRecord) -> Result<(), StoreError>;
+    fn put_dedup(
+        &mut self,
+        id: SessionId,
+        seq: u64,
+        record: &DedupRecord,
+    ) -> Result<(), StoreError>;
     /// Removes the session's records with seq < `below` (all of them for `u64::MAX`).
     fn remove_dedup_below(&mut self, id: SessionId, below: u64) -> Result<(), StoreError>;
     fn set_applied(&mut self, applied: AppliedState) -> Result<(), StoreError>;
@@ -98,7 +103,10 @@ pub struct MemStore {
 
 impl FsmRead for MemStore {
     fn node(&self, parent: &str, name: &str) -> Result<Option<NodeRecord>, StoreError> {
-        Ok(self.nodes.get(&(parent.to_string(), name.to_string())).cloned())
+        Ok(self
+            .nodes
+            .get(&(parent.to_string(), name.to_string()))
+            .cloned())
     }
 
     fn children(
@@ -149,7 +157,8 @@ impl FsmRead for MemStore {
 
 impl FsmStore for MemStore {
     fn put_node(&mut self, parent: &str, name: &str, node: &NodeRecord) -> Result<(), StoreError> {
-        self.nodes.insert((parent.to_string(), name.to_string()), node.clone());
+        self.nodes
+            .insert((parent.to_string(), name.to_string()), node.clone());
         Ok(())
     }
 
@@ -178,13 +187,22 @@ impl FsmStore for MemStore {
         Ok(())
     }
 
-    fn put_dedup(&mut self, id: SessionId, seq: u64, record: &DedupRecord) -> Result<(), StoreError> {
+    fn put_dedup(
+        &mut self,
+        id: SessionId,
+        seq: u64,
+        record: &DedupRecord,
+    ) -> Result<(), StoreError> {
         self.dedup.insert((id, seq), record.clone());
         Ok(())
     }
 
     fn remove_dedup_below(&mut self, id: SessionId, below: u64) -> Result<(), StoreError> {
-        let doomed: Vec<_> = self.dedup.range((id, 0)..(id, below)).map(|(k, _)| *k).collect();
+        let doomed: Vec<_> = self
+            .dedup
+            .range((id, 0)..(id, below))
+            .map(|(k, _)| *k)
+            .collect();
         for key in doomed {
             self.dedup.remove(&key);
         }

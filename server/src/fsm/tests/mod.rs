@@ -13,7 +13,10 @@ use lockd_protocol::{
     WriteOp, WriteResult,
 };
 
-use super::{apply, bootstrap, read, split_path, Applied, Command, DedupRecord, MemStore, NodeRecord};
+use super::{
+    apply, bootstrap, read, split_path, Applied, AppliedState, Command, DedupRecord, MemStore,
+    NodeRecord,
+};
 use crate::raft::{Entry, EntryKind};
 
 /// Page cap passed to reads unless a test is about it.
@@ -33,14 +36,26 @@ impl Harness {
     fn new() -> Self {
         let mut store = MemStore::default();
         bootstrap(&mut store).expect("bootstrap");
-        Harness { store, index: 0, term: 1, time_ms: 1_000, seqs: BTreeMap::new() }
+        Harness {
+            store,
+            index: 0,
+            term: 1,
+            time_ms: 1_000,
+            seqs: BTreeMap::new(),
+        }
     }
 
     /// The next entry, with proposer_term = term.
     fn entry(&mut self, kind: EntryKind) -> Entry {
         self.index += 1;
         self.time_ms += 10;
-        Entry { index: self.index, term: self.term, proposer_term: self.term, time_ms: self.time_ms, kind }
+        Entry {
+            index: self.index,
+            term: self.term,
+            proposer_term: self.term,
+            time_ms: self.time_ms,
+            kind,
+        }
     }
 
     fn apply_entry(&mut self, entry: &Entry) -> Applied {
@@ -57,8 +72,12 @@ impl Harness {
     }
 
     fn open(&mut self) -> SessionId {
-        let applied =
-            self.apply(Command::OpenSession { ttl_ms: 10_000, tick_ms: 100, drift_ppm: 200, implicit: false });
+        let applied = self.apply(Command::OpenSession {
+            ttl_ms: 10_000,
+            tick_ms: 100,
+            drift_ppm: 200,
+            implicit: false,
+        });
         let grant = applied.opened_session.expect("opened");
         grant.session
     }
@@ -68,12 +87,21 @@ impl Harness {
     }
 
     fn expire(&mut self, sessions: &[SessionId]) -> Applied {
-        self.apply(Command::Expire { sessions: sessions.to_vec() })
+        self.apply(Command::Expire {
+            sessions: sessions.to_vec(),
+        })
     }
 
     /// A write with an explicit exactly-once header.
     fn write_seq(&mut self, session: SessionId, seq: u64, floor: u64, op: WriteOp) -> Applied {
-        self.apply(Command::Write { session: SessionSeq { session, seq, floor }, op })
+        self.apply(Command::Write {
+            session: SessionSeq {
+                session,
+                seq,
+                floor,
+            },
+            op,
+        })
     }
 
     /// A write with the session's next seq (from 1) and floor 1: earlier responses are kept.
@@ -91,7 +119,10 @@ impl Harness {
 
     fn ok(&mut self, session: SessionId, op: WriteOp) -> WriteResult {
         let applied = self.write(session, op);
-        assert_eq!(applied.revision, self.index, "a fresh write reflects its own entry");
+        assert_eq!(
+            applied.revision, self.index,
+            "a fresh write reflects its own entry"
+        );
         match applied.result {
             Ok(Reply::Write(result)) => result,
             other => panic!("expected a write result, got {other:?}"),
@@ -113,7 +144,10 @@ impl Harness {
 
     fn node(&self, p: &str) -> Option<NodeRecord> {
         let (parent, name) = split_path(p);
-        self.store.nodes.get(&(parent.to_string(), name.to_string())).cloned()
+        self.store
+            .nodes
+            .get(&(parent.to_string(), name.to_string()))
+            .cloned()
     }
 
     fn read(&self, op: ReadOp) -> Result<Reply, Error> {
@@ -121,14 +155,25 @@ impl Harness {
     }
 
     fn stat(&self, p: &str) -> Option<Stat> {
-        match self.read(ReadOp::Stat { path: p.to_string() }) {
+        match self.read(ReadOp::Stat {
+            path: p.to_string(),
+        }) {
             Ok(Reply::Stat(stat)) => stat,
             other => panic!("unexpected {other:?}"),
         }
     }
 
-    fn children(&self, p: &str, start_after: Option<&str>, limit: u32) -> Result<(Vec<String>, bool), Error> {
-        let op = ReadOp::Children { path: p.to_string(), start_after: start_after.map(str::to_string), limit };
+    fn children(
+        &self,
+        p: &str,
+        start_after: Option<&str>,
+        limit: u32,
+    ) -> Result<(Vec<String>, bool), Error> {
+        let op = ReadOp::Children {
+            path: p.to_string(),
+            start_after: start_after.map(str::to_string),
+            limit,
+        };
         self.read(op).map(|reply| match reply {
             Reply::Children { names, more } => (names, more),
             other => panic!("unexpected {other:?}"),
@@ -137,11 +182,18 @@ impl Harness {
 
     /// Asserts that the last entry changed nothing but the applied position and, for a write
     /// that reached the namespace, its own dedup record.
-    fn assert_only_bookkeeping(&self, before: &MemStore, write: Option<(SessionId, u64, &Applied)>) {
+    fn assert_only_bookkeeping(
+        &self,
+        before: &MemStore,
+        write: Option<(SessionId, u64, &Applied)>,
+    ) {
         let mut expected = before.clone();
         expected.applied = self.store.applied;
         if let Some((session, seq, applied)) = write {
-            let record = DedupRecord { revision: applied.revision, result: applied.result.clone() };
+            let record = DedupRecord {
+                revision: applied.revision,
+                result: applied.result.clone(),
+            };
             expected.dedup.insert((session, seq), record);
         }
         assert_eq!(self.store, expected);
@@ -149,15 +201,27 @@ impl Harness {
 }
 
 fn cop(p: &str, data: &[u8], ephemeral: bool, sequential: bool) -> CreateOp {
-    CreateOp { path: p.to_string(), data: data.to_vec(), ephemeral, sequential }
+    CreateOp {
+        path: p.to_string(),
+        data: data.to_vec(),
+        ephemeral,
+        sequential,
+    }
 }
 
 fn sop(p: &str, data: &[u8], expected_version: Option<u64>) -> SetOp {
-    SetOp { path: p.to_string(), data: data.to_vec(), expected_version }
+    SetOp {
+        path: p.to_string(),
+        data: data.to_vec(),
+        expected_version,
+    }
 }
 
 fn dop(p: &str, expected_version: Option<u64>) -> DeleteOp {
-    DeleteOp { path: p.to_string(), expected_version }
+    DeleteOp {
+        path: p.to_string(),
+        expected_version,
+    }
 }
 
 fn create(p: &str, data: &[u8]) -> WriteOp {
@@ -181,7 +245,10 @@ fn delete(p: &str, expected_version: Option<u64>) -> WriteOp {
 }
 
 fn check(p: &str, version: u64) -> MultiOp {
-    MultiOp::Check(CheckOp { path: p.to_string(), version })
+    MultiOp::Check(CheckOp {
+        path: p.to_string(),
+        version,
+    })
 }
 
 /// The path a `Created` result names.
