@@ -17,7 +17,7 @@ struct Args {
     /// server address (default 127.0.0.1:7001)
     #[argh(option, default = "String::from(\"127.0.0.1:7001\")")]
     addr: String,
-    /// workload: put, get or get-stale (default put)
+    /// workload: put, put-raw, get or get-stale (default put)
     #[argh(option, default = "String::from(\"put\")")]
     workload: String,
     /// concurrent clients, comma-separated for several runs (default 1,16)
@@ -40,6 +40,8 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Workload {
     Put,
+    /// `put` over a bare framed connection, without the client library (to see its cost).
+    PutRaw,
     Get,
     GetStale,
 }
@@ -59,14 +61,18 @@ async fn prepare(addr: &str, keys: u64, value: &[u8]) -> Result<(), lockd_client
         let client = client.clone();
         let value = value.to_vec();
         pending.push(tokio::spawn(async move {
-            match client.create(&key(i), value).await {
-                Ok(_) | Err(lockd_client::Error::Server(lockd_protocol::Error::NodeExists { .. })) => Ok(()),
+            match client.create(key(i), value).await {
+                Ok(_)
+                | Err(lockd_client::Error::Server(lockd_protocol::Error::NodeExists { .. })) => {
+                    Ok(())
+                }
                 Err(e) => Err(e),
             }
         }));
     }
     for p in pending {
-        p.await.map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
+        p.await
+            .map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
     }
     Ok(())
 }
@@ -81,9 +87,13 @@ async fn client_loop(
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> Result<Histogram<u64>, lockd_client::Error> {
+    if workload == Workload::PutRaw {
+        return raw_put_loop(addr, keys, value, seed, measuring, stop).await;
+    }
     let client = Client::with_config(ClientConfig::new([addr.as_str()])).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
     while !stop.load(Ordering::Relaxed) {
         let k = key(rng.random_range(0..keys));
         let start = Instant::now();
@@ -91,12 +101,77 @@ async fn client_loop(
             Workload::Put => {
                 client.set(&k, value.clone()).await?;
             }
+            Workload::PutRaw => unreachable!("handled by raw_put_loop"),
             Workload::Get => {
                 client.get(&k).await?;
             }
             Workload::GetStale => {
                 client.get(&k).stale().await?;
             }
+        }
+        if measuring.load(Ordering::Relaxed) {
+            let _ = histogram.record(start.elapsed().as_micros().max(1) as u64);
+        }
+    }
+    Ok(histogram)
+}
+
+async fn raw_put_loop(
+    addr: String,
+    keys: u64,
+    value: Vec<u8>,
+    seed: u64,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Result<Histogram<u64>, lockd_client::Error> {
+    use futures_util::{SinkExt, StreamExt};
+    use lockd_protocol::{
+        ClientMessage, FrameCodec, Hello, Request, ServerMessage, SetOp, WriteOp,
+    };
+    let fail = |e: &dyn std::fmt::Display| lockd_client::Error::Protocol(e.to_string());
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| fail(&e))?;
+    stream.set_nodelay(true).map_err(|e| fail(&e))?;
+    let mut framed = tokio_util::codec::Framed::new(
+        stream,
+        FrameCodec::<ServerMessage, ClientMessage>::default(),
+    );
+    let hello = Hello {
+        protocol_version: lockd_protocol::PROTOCOL_VERSION,
+        client_name: "bench-raw".into(),
+    };
+    framed
+        .send(ClientMessage::Hello(hello))
+        .await
+        .map_err(|e| fail(&e))?;
+    framed
+        .next()
+        .await
+        .ok_or_else(|| fail(&"closed"))?
+        .map_err(|e| fail(&e))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| fail(&e))?;
+    let mut request_id = 0;
+    while !stop.load(Ordering::Relaxed) {
+        request_id += 1;
+        let op = WriteOp::Set(SetOp {
+            path: key(rng.random_range(0..keys)),
+            data: value.clone(),
+            expected_version: None,
+        });
+        let start = Instant::now();
+        framed
+            .send(ClientMessage::Request {
+                request_id,
+                request: Request::Write { session: None, op },
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        match framed.next().await {
+            Some(Ok(ServerMessage::Response { result: Ok(_), .. })) => {}
+            other => return Err(fail(&format!("{other:?}"))),
         }
         if measuring.load(Ordering::Relaxed) {
             let _ = histogram.record(start.elapsed().as_micros().max(1) as u64);
@@ -129,9 +204,12 @@ async fn run(args: &Args, workload: Workload, clients: usize) -> Result<(), lock
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| lockd_client::Error::Protocol(e.to_string()))?;
     for t in tasks {
-        let h = t.await.map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
+        let h = t
+            .await
+            .map_err(|e| lockd_client::Error::Protocol(e.to_string()))??;
         let _ = total.add(&h);
     }
     let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
@@ -154,6 +232,7 @@ async fn main() -> std::process::ExitCode {
     let args: Args = argh::from_env();
     let workload = match args.workload.as_str() {
         "put" => Workload::Put,
+        "put-raw" => Workload::PutRaw,
         "get" => Workload::Get,
         "get-stale" => Workload::GetStale,
         other => {
@@ -161,7 +240,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let client_counts: Result<Vec<usize>, _> = args.clients.split(',').map(|c| c.trim().parse()).collect();
+    let client_counts: Result<Vec<usize>, _> =
+        args.clients.split(',').map(|c| c.trim().parse()).collect();
     let Ok(client_counts) = client_counts else {
         eprintln!("lockd-bench: --clients takes comma-separated numbers");
         return std::process::ExitCode::from(2);

@@ -49,6 +49,9 @@ struct Flags {
     /// largest single request (a multi included) in bytes (default 3 MiB)
     #[argh(option)]
     max_proposal: Option<usize>,
+    /// µs the event loop polls for requests before parking (default 200; 0 saves CPU)
+    #[argh(option)]
+    spin_us: Option<u64>,
     /// log format: text or json (default text); the level comes from RUST_LOG (default info)
     #[argh(option)]
     log_format: Option<String>,
@@ -78,7 +81,8 @@ fn load_config(flags: Flags) -> Result<Config, String> {
         max_frame,
         max_data,
         max_proposal,
-        log_format
+        log_format,
+        spin_us
     );
     if let Some(peers) = flags.peers {
         let others: Vec<&str> = peers.split(',').filter(|p| !p.trim().is_empty()).collect();

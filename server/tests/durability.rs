@@ -14,12 +14,15 @@ use lockd_server::storage::Storage;
 use lockd_server::Config;
 use support::{create_op, Raw, TestServer};
 
+/// (path, data) of every acknowledged write, in order of acknowledgement.
+type Acked = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Writers that create `/w{writer}-{i}` with data `i` until told to stop; the keys whose
 /// creation was acknowledged are pushed to `acked` as soon as the answer arrives.
 fn spawn_writers(
     addr: std::net::SocketAddr,
     writers: usize,
-    acked: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    acked: Acked,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..writers)
         .map(|w| {

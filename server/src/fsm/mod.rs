@@ -177,6 +177,13 @@ fn apply_write<S: FsmStore>(
     let Some(mut session) = store.session(id)? else {
         return Ok(Applied::reply(rev, Err(missing_session(id, rev))));
     };
+    if session.implicit {
+        // The server numbers an implicit session's requests and never resends one (a client
+        // whose connection is lost gets `Indeterminate`), so no response is kept: skipping
+        // the dedup and floor records keeps the common write to three tables.
+        let result = namespace::apply_op(store, rev, id, op)?.map(Reply::Write);
+        return Ok(Applied::reply(rev, result));
+    }
     if header.floor > session.floor {
         store.remove_dedup_below(id, header.floor)?;
         session.floor = header.floor;

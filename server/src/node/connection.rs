@@ -56,7 +56,11 @@ impl Implicit {
         self.next_seq += 1;
         self.in_flight.insert(seq);
         let floor = self.in_flight.first().copied().unwrap_or(seq);
-        SessionSeq { session: self.session, seq, floor }
+        SessionSeq {
+            session: self.session,
+            seq,
+            floor,
+        }
     }
 }
 
@@ -87,7 +91,10 @@ pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
             }
         }
         Ok(Some(Ok(ClientMessage::Hello(hello)))) => {
-            let reason = Error::UnsupportedVersion { client: hello.protocol_version, server: PROTOCOL_VERSION };
+            let reason = Error::UnsupportedVersion {
+                client: hello.protocol_version,
+                server: PROTOCOL_VERSION,
+            };
             return goodbye(&mut conn, reason).await;
         }
         Ok(Some(Ok(_))) => return goodbye(&mut conn, Error::HelloRequired).await,
@@ -95,7 +102,12 @@ pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
         Ok(None) => return,
         Err(_) => return goodbye(&mut conn, Error::HelloRequired).await,
     }
-    let mut this = Connection { conn, node, implicit: None, watched_sessions: HashSet::new() };
+    let mut this = Connection {
+        conn,
+        node,
+        implicit: None,
+        watched_sessions: HashSet::new(),
+    };
     let reason = this.serve_requests(cancel).await;
     this.finish(reason).await;
 }
@@ -208,14 +220,24 @@ impl Connection {
                 let revision = 0;
                 let result = Err(Error::ResponseTooLarge { len });
                 let request_id = request_id.unwrap_or_default();
-                self.conn.feed(ServerMessage::Response { request_id, revision, result }).await
+                self.conn
+                    .feed(ServerMessage::Response {
+                        request_id,
+                        revision,
+                        result,
+                    })
+                    .await
             }
             other => other,
         }
     }
 
     /// Handles one frame: returns an immediate reply, or queues a future in `pending`.
-    async fn handle(&mut self, message: ClientMessage, pending: &mut Pending) -> Option<ServerMessage> {
+    async fn handle(
+        &mut self,
+        message: ClientMessage,
+        pending: &mut Pending,
+    ) -> Option<ServerMessage> {
         let (request_id, request) = match message {
             ClientMessage::Hello(_) => {
                 return Some(ServerMessage::Response {
@@ -224,22 +246,37 @@ impl Connection {
                     result: Err(Error::InvalidArgument("Hello was already received".into())),
                 })
             }
-            ClientMessage::KeepAlive { request_id, sessions } => {
+            ClientMessage::KeepAlive {
+                request_id,
+                sessions,
+            } => {
                 self.watched_sessions.extend(sessions.iter().copied());
                 let node = self.node.clone();
                 pending.push(Box::pin(async move {
                     // No reply rather than a wrong one: an empty or `Expired` answer would
                     // misstate sessions that may well be alive.
                     match node.keepalive(sessions).await {
-                        Ok(results) => Done::Reply(ServerMessage::KeepAliveReply { request_id, results }),
+                        Ok(results) => Done::Reply(ServerMessage::KeepAliveReply {
+                            request_id,
+                            results,
+                        }),
                         Err(_) => Done::Nothing,
                     }
                 }));
                 return None;
             }
-            ClientMessage::Request { request_id, request } => (request_id, request),
+            ClientMessage::Request {
+                request_id,
+                request,
+            } => (request_id, request),
         };
-        let respond = |revision, result| Some(ServerMessage::Response { request_id, revision, result });
+        let respond = |revision, result| {
+            Some(ServerMessage::Response {
+                request_id,
+                revision,
+                result,
+            })
+        };
         match request {
             Request::Read { consistency, op } => {
                 let (revision, result) = self.node.read(&op, consistency);
@@ -275,20 +312,38 @@ impl Connection {
                         Err(e) => return respond(0, Err(e)),
                     },
                 };
-                self.propose(request_id, Command::Write { session: header, op }, implicit_seq, pending);
+                self.propose(
+                    request_id,
+                    Command::Write {
+                        session: header,
+                        op,
+                    },
+                    implicit_seq,
+                    pending,
+                );
                 None
             }
         }
     }
 
-    fn propose(&self, request_id: u64, command: Command, implicit_seq: Option<u64>, pending: &mut Pending) {
+    fn propose(
+        &self,
+        request_id: u64,
+        command: Command,
+        implicit_seq: Option<u64>,
+        pending: &mut Pending,
+    ) {
         let node = self.node.clone();
         pending.push(Box::pin(async move {
             let (revision, result) = match node.propose(command).await {
                 Ok(applied) => (applied.revision, applied.result),
                 Err(e) => (0, Err(e)),
             };
-            let message = ServerMessage::Response { request_id, revision, result };
+            let message = ServerMessage::Response {
+                request_id,
+                revision,
+                result,
+            };
             match implicit_seq {
                 Some(seq) => Done::ImplicitWrite(seq, message),
                 None => Done::Reply(message),
@@ -309,13 +364,26 @@ impl Connection {
             let applied = self.node.propose(command).await?;
             let session = match applied.result? {
                 Reply::SessionOpened(grant) => grant.session,
-                other => return Err(Error::Internal(format!("unexpected reply to OpenSession: {other:?}"))),
+                other => {
+                    return Err(Error::Internal(format!(
+                        "unexpected reply to OpenSession: {other:?}"
+                    )))
+                }
             };
-            self.implicit = Some(Implicit { session, next_seq: 1, in_flight: BTreeSet::new() });
+            self.implicit = Some(Implicit {
+                session,
+                next_seq: 1,
+                in_flight: BTreeSet::new(),
+            });
         }
-        let implicit = self.implicit.as_mut().ok_or_else(|| Error::Internal("no implicit session".into()))?;
+        let implicit = self
+            .implicit
+            .as_mut()
+            .ok_or_else(|| Error::Internal("no implicit session".into()))?;
         if implicit.in_flight.len() as u64 >= lockd_protocol::SEQ_WINDOW - 1 {
-            return Err(Error::Unavailable("too many writes in flight on this connection".into()));
+            return Err(Error::Unavailable(
+                "too many writes in flight on this connection".into(),
+            ));
         }
         Ok(implicit.next())
     }
@@ -328,7 +396,12 @@ impl Connection {
         if let Some(implicit) = self.implicit.take() {
             // Unpin first: if the close is lost (shutdown), the session still expires.
             self.node.unpin(implicit.session);
-            let _ = self.node.propose(Command::CloseSession { session: implicit.session }).await;
+            let _ = self
+                .node
+                .propose(Command::CloseSession {
+                    session: implicit.session,
+                })
+                .await;
         }
     }
 }
@@ -338,7 +411,10 @@ impl Connection {
 fn check_write(op: &WriteOp, config: &crate::Config) -> Result<(), Error> {
     let check_data = |data: &[u8]| {
         if data.len() > config.max_data {
-            Err(Error::DataTooLarge { len: data.len() as u64, max: config.max_data as u64 })
+            Err(Error::DataTooLarge {
+                len: data.len() as u64,
+                max: config.max_data as u64,
+            })
         } else {
             Ok(())
         }
@@ -358,21 +434,31 @@ fn check_write(op: &WriteOp, config: &crate::Config) -> Result<(), Error> {
             .collect(),
     };
     if ops.len() > MAX_MULTI_OPS {
-        return Err(Error::RequestTooLarge { len: ops.len() as u64, max: MAX_MULTI_OPS as u64 });
+        return Err(Error::RequestTooLarge {
+            len: ops.len() as u64,
+            max: MAX_MULTI_OPS as u64,
+        });
     }
     let mut total = 0usize;
     for (index, (path, data)) in ops.iter().enumerate() {
-        let checked = lockd_protocol::path::validate(path).and_then(|()| data.map_or(Ok(()), check_data));
+        let checked =
+            lockd_protocol::path::validate(path).and_then(|()| data.map_or(Ok(()), check_data));
         if let Err(error) = checked {
             return Err(match op {
-                WriteOp::Multi(_) => Error::MultiFailed { index: index as u32, error: error.into() },
+                WriteOp::Multi(_) => Error::MultiFailed {
+                    index: index as u32,
+                    error: error.into(),
+                },
                 _ => error,
             });
         }
         total += path.len() + data.map_or(0, |d| d.len()) + 16;
     }
     if total > config.max_proposal {
-        return Err(Error::RequestTooLarge { len: total as u64, max: config.max_proposal as u64 });
+        return Err(Error::RequestTooLarge {
+            len: total as u64,
+            max: config.max_proposal as u64,
+        });
     }
     Ok(())
 }

@@ -33,11 +33,26 @@ fn ttl_ticks(ttl_ms: u64, tick_ms: u64) -> u64 {
 
 impl Deadlines {
     /// Starts tracking a session with a full TTL from `now_tick`.
-    pub fn insert(&mut self, session: SessionId, ttl_ms: u64, tick_ms: u64, pinned: bool, now_tick: u64) {
+    pub fn insert(
+        &mut self,
+        session: SessionId,
+        ttl_ms: u64,
+        tick_ms: u64,
+        pinned: bool,
+        now_tick: u64,
+    ) {
         self.remove(session);
         let ttl_ticks = ttl_ticks(ttl_ms, tick_ms);
         let at_tick = now_tick + ttl_ticks;
-        self.by_session.insert(session, Deadline { at_tick, ttl_ms, ttl_ticks, pinned });
+        self.by_session.insert(
+            session,
+            Deadline {
+                at_tick,
+                ttl_ms,
+                ttl_ticks,
+                pinned,
+            },
+        );
         if !pinned {
             self.by_tick.insert((at_tick, session));
         }

@@ -25,13 +25,26 @@ use crate::fsm::{Applied, Command};
 use crate::raft::{Entry, EntryKind};
 use crate::storage::{Batch, HardState, Storage, StorageError};
 
+/// Where a proposal's outcome goes.
+type ProposalReply = oneshot::Sender<Result<Applied, Error>>;
+/// One result per session of a keepalive frame.
+type KeepAliveResults = Vec<(SessionId, KeepAliveResult)>;
+/// Where a keepalive's results go.
+type KeepAliveReply = oneshot::Sender<KeepAliveResults>;
+
 /// Messages to the event loop.
 #[derive(Debug)]
 pub enum LoopMsg {
     /// Append, commit and apply a command; answer with its outcome.
-    Propose { command: Command, reply: oneshot::Sender<Result<Applied, Error>> },
+    Propose {
+        command: Command,
+        reply: ProposalReply,
+    },
     /// Renew sessions; answer one result per session.
-    KeepAlive { sessions: Vec<SessionId>, reply: oneshot::Sender<Vec<(SessionId, KeepAliveResult)>> },
+    KeepAlive {
+        sessions: Vec<SessionId>,
+        reply: KeepAliveReply,
+    },
     /// An implicit session's connection closed: let it expire if the close is lost.
     Unpin { session: SessionId },
     /// Commit what is queued, then stop.
@@ -55,19 +68,25 @@ pub struct EventLoop {
     deadlines: Deadlines,
     /// Current term; this node is its leader.
     term: u64,
+    /// The hard state last made durable.
+    persisted: Option<HardState>,
     /// Index of the last entry in the log (all of it committed and applied).
     last_index: u64,
     /// Entry time: `time_base_ms` + monotonic time since `clock_base`.
     time_base_ms: u64,
     clock_base: Instant,
     /// Proposals of this cycle with their repliers (None for the loop's own).
-    pending: Vec<(EntryKind, Option<oneshot::Sender<Result<Applied, Error>>>)>,
-    keepalive_replies: Vec<(oneshot::Sender<Vec<(SessionId, KeepAliveResult)>>, Vec<(SessionId, KeepAliveResult)>)>,
+    pending: Vec<(EntryKind, Option<ProposalReply>)>,
+    /// Keepalive answers of this cycle, sent after its commit.
+    keepalive_replies: Vec<(KeepAliveReply, KeepAliveResults)>,
 }
 
 impl std::fmt::Debug for EventLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLoop").field("term", &self.term).field("last_index", &self.last_index).finish()
+        f.debug_struct("EventLoop")
+            .field("term", &self.term)
+            .field("last_index", &self.last_index)
+            .finish()
     }
 }
 
@@ -83,6 +102,7 @@ impl EventLoop {
         let recovered = storage.recover()?;
         let mut this = EventLoop {
             term: recovered.hard_state.term,
+            persisted: Some(recovered.hard_state),
             last_index: recovered.last_index,
             time_base_ms: recovered.last_time_ms,
             clock_base: Instant::now(),
@@ -100,9 +120,15 @@ impl EventLoop {
         this.pending.push((EntryKind::Noop, None));
         this.commit_pending()?;
         for (session, record) in &recovered.sessions {
-            this.deadlines.insert(*session, record.ttl_ms, this.config.tick_ms, false, 0);
+            this.deadlines
+                .insert(*session, record.ttl_ms, this.config.tick_ms, false, 0);
         }
-        tracing::info!(term = this.term, index = this.last_index, sessions = recovered.sessions.len(), "recovered");
+        tracing::info!(
+            term = this.term,
+            index = this.last_index,
+            sessions = recovered.sessions.len(),
+            "recovered"
+        );
         Ok(this)
     }
 
@@ -121,7 +147,21 @@ impl EventLoop {
         let mut stop = false;
         while !stop {
             let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match rx.recv_timeout(wait) {
+            // Waking a parked thread costs tens of µs on a small VM; a client that just got
+            // its answer usually sends the next request within that time, so poll briefly
+            // before parking (bounded: at most `spin_us` per cycle).
+            let spin_until = Instant::now() + Duration::from_micros(self.config.spin_us);
+            let mut spun = None;
+            while spun.is_none() && Instant::now() < spin_until {
+                spun = rx.try_recv().ok();
+                std::hint::spin_loop();
+            }
+            let first = if let Some(msg) = spun {
+                Ok(msg)
+            } else {
+                rx.recv_timeout(wait)
+            };
+            let first = match first {
                 Ok(msg) => Some(msg),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -153,9 +193,9 @@ impl EventLoop {
     /// Queues a message's work. True on `Shutdown`.
     fn handle(&mut self, msg: LoopMsg) -> bool {
         match msg {
-            LoopMsg::Propose { command, reply } => {
-                self.pending.push((EntryKind::Command(command), Some(reply)))
-            }
+            LoopMsg::Propose { command, reply } => self
+                .pending
+                .push((EntryKind::Command(command), Some(reply))),
             LoopMsg::KeepAlive { sessions, reply } => {
                 let now = self.now_tick();
                 let results = sessions
@@ -184,8 +224,15 @@ impl EventLoop {
     fn expire_due(&mut self) {
         let expired = self.deadlines.take_expired(self.now_tick());
         if !expired.is_empty() {
-            tracing::info!(count = expired.len(), live = self.deadlines.len(), "expiring sessions");
-            self.pending.push((EntryKind::Command(Command::Expire { sessions: expired }), None));
+            tracing::info!(
+                count = expired.len(),
+                live = self.deadlines.len(),
+                "expiring sessions"
+            );
+            self.pending.push((
+                EntryKind::Command(Command::Expire { sessions: expired }),
+                None,
+            ));
         }
     }
 
@@ -200,11 +247,25 @@ impl EventLoop {
         let mut repliers = Vec::with_capacity(pending.len());
         for (kind, reply) in pending {
             self.last_index += 1;
-            entries.push(Entry { index: self.last_index, term: self.term, proposer_term: self.term, time_ms, kind });
+            entries.push(Entry {
+                index: self.last_index,
+                term: self.term,
+                proposer_term: self.term,
+                time_ms,
+                kind,
+            });
             repliers.push(reply);
         }
-        let hard_state = HardState { term: self.term, vote: self.config.id, commit: self.last_index };
-        let batch = Batch { entries, hard_state, apply_to: self.last_index };
+        let hard_state = HardState {
+            term: self.term,
+            vote: self.config.id,
+        };
+        let changed = (self.persisted != Some(hard_state)).then_some(hard_state);
+        let batch = Batch {
+            entries,
+            hard_state: changed,
+            apply_to: self.last_index,
+        };
         let outcomes = match self.storage.commit_batch(&batch) {
             Ok(outcomes) => outcomes,
             Err(e) => {
@@ -214,19 +275,37 @@ impl EventLoop {
                 return Err(e);
             }
         };
+        self.persisted = Some(hard_state);
         self.status.set_indexes(self.term, self.last_index);
         let now = self.now_tick();
         for ((_, applied), reply) in outcomes.into_iter().zip(repliers) {
             if let Some(grant) = applied.opened_session {
                 let implicit = matches!(
-                    batch.entries.iter().find(|e| e.index == grant.session.0).map(|e| &e.kind),
-                    Some(EntryKind::Command(Command::OpenSession { implicit: true, .. }))
+                    batch
+                        .entries
+                        .iter()
+                        .find(|e| e.index == grant.session.0)
+                        .map(|e| &e.kind),
+                    Some(EntryKind::Command(Command::OpenSession {
+                        implicit: true,
+                        ..
+                    }))
                 );
-                self.deadlines.insert(grant.session, grant.ttl_ms, self.config.tick_ms, implicit, now);
+                self.deadlines.insert(
+                    grant.session,
+                    grant.ttl_ms,
+                    self.config.tick_ms,
+                    implicit,
+                    now,
+                );
             }
             for &(session, kind) in &applied.ended_sessions {
                 self.deadlines.remove(session);
-                let _ = self.events.send(SessionEnded { session, revision: applied.revision, kind });
+                let _ = self.events.send(SessionEnded {
+                    session,
+                    revision: applied.revision,
+                    kind,
+                });
             }
             if let Some(reply) = reply {
                 let _ = reply.send(Ok(applied));

@@ -13,7 +13,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use lockd_protocol::{ClusterStatus, Consistency, Error, KeepAliveResult, MemberInfo, ReadOp, Reply, SessionId};
+use lockd_protocol::{
+    ClusterStatus, Consistency, Error, KeepAliveResult, MemberInfo, ReadOp, Reply, SessionId,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +37,9 @@ pub enum ServerError {
     Storage(#[from] StorageError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    #[error("data directory belongs to cluster {stored:#x}, but --cluster-token gives {configured:#x}")]
+    #[error(
+        "data directory belongs to cluster {stored:#x}, but --cluster-token gives {configured:#x}"
+    )]
     WrongCluster { stored: u64, configured: u64 },
     #[error("the event loop stopped: {0}")]
     LoopStopped(String),
@@ -76,32 +80,62 @@ pub struct Node {
 impl Node {
     /// Recovers the node from `storage`, commits a no-op of a new term and starts the event
     /// loop thread. Blocks for that first commit.
-    pub fn start(config: Config, storage: Storage) -> Result<(Node, std::thread::JoinHandle<Result<(), StorageError>>), ServerError> {
+    pub fn start(
+        config: Config,
+        storage: Storage,
+    ) -> Result<(Node, std::thread::JoinHandle<Result<(), StorageError>>), ServerError> {
         config.validate()?;
         let identity = match storage.recover()?.identity {
             Some(identity) if identity.cluster_id != config.cluster_id() => {
-                return Err(ServerError::WrongCluster { stored: identity.cluster_id, configured: config.cluster_id() });
+                return Err(ServerError::WrongCluster {
+                    stored: identity.cluster_id,
+                    configured: config.cluster_id(),
+                });
             }
             Some(identity) => identity,
             None => {
-                let identity = Identity { cluster_id: config.cluster_id(), node_id: config.id, incarnation: random_u64() };
+                let identity = Identity {
+                    cluster_id: config.cluster_id(),
+                    node_id: config.id,
+                    incarnation: random_u64(),
+                };
                 storage.set_identity(identity)?;
                 identity
             }
         };
         let status = Arc::new(NodeStatus::default());
         let (events, _) = broadcast::channel(4096);
-        let event_loop = EventLoop::start(config.clone(), storage.clone(), status.clone(), events.clone())?;
+        let event_loop = EventLoop::start(
+            config.clone(),
+            storage.clone(),
+            status.clone(),
+            events.clone(),
+        )?;
         let (tx, rx) = mpsc::channel();
         let stopped = CancellationToken::new();
         let stopped_by_loop = stopped.clone();
-        let thread = std::thread::Builder::new().name("lockd-event-loop".into()).spawn(move || {
-            let result = event_loop.run(rx);
-            stopped_by_loop.cancel();
-            result
-        })?;
-        let shared = Shared { config, identity, storage, status, tx, events, stopped };
-        Ok((Node { shared: Arc::new(shared) }, thread))
+        let thread = std::thread::Builder::new()
+            .name("lockd-event-loop".into())
+            .spawn(move || {
+                let result = event_loop.run(rx);
+                stopped_by_loop.cancel();
+                result
+            })?;
+        let shared = Shared {
+            config,
+            identity,
+            storage,
+            status,
+            tx,
+            events,
+            stopped,
+        };
+        Ok((
+            Node {
+                shared: Arc::new(shared),
+            },
+            thread,
+        ))
     }
 
     /// The node's configuration.
@@ -117,7 +151,10 @@ impl Node {
     }
 
     /// Renews sessions; one result per session, in order.
-    pub async fn keepalive(&self, sessions: Vec<SessionId>) -> Result<Vec<(SessionId, KeepAliveResult)>, Error> {
+    pub async fn keepalive(
+        &self,
+        sessions: Vec<SessionId>,
+    ) -> Result<Vec<(SessionId, KeepAliveResult)>, Error> {
         let (reply, answer) = oneshot::channel();
         self.send(LoopMsg::KeepAlive { sessions, reply })?;
         answer.await.map_err(|_| Error::ShuttingDown)
@@ -162,7 +199,10 @@ impl Node {
 
     /// Client addresses of the members.
     pub fn members(&self) -> Vec<MemberInfo> {
-        vec![MemberInfo { id: self.shared.identity.node_id, client_addr: self.shared.config.client_addr.clone() }]
+        vec![MemberInfo {
+            id: self.shared.identity.node_id,
+            client_addr: self.shared.config.client_addr.clone(),
+        }]
     }
 
     /// Identity of this node's data.
@@ -190,20 +230,32 @@ impl Node {
 fn random_u64() -> u64 {
     use std::io::Read;
     let mut bytes = [0u8; 8];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok()
+    {
         return u64::from_le_bytes(bytes);
     }
     // No /dev/urandom: fall back on the std hasher's per-process random keys.
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     hasher.finish()
 }
 
 /// Opens the data directory in `config` and serves clients on `listener` until `shutdown`
 /// resolves; then stops accepting, lets connections finish their in-flight requests, commits
 /// what is queued and returns.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     config.validate()?;
     let storage = Storage::open(&config.data_dir, config.log_retain)?;
     run_with_storage(listener, config, storage, shutdown).await

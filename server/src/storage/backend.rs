@@ -34,8 +34,15 @@ impl LossyBackend {
 
     /// A disk holding `image`, as after a reboot.
     pub fn from_image(image: Vec<u8>) -> Self {
-        let disk = Disk { volatile: image.clone(), durable: image, dirty: Vec::new(), syncs: 0 };
-        LossyBackend { disk: Arc::new(Mutex::new(disk)) }
+        let disk = Disk {
+            volatile: image.clone(),
+            durable: image,
+            dirty: Vec::new(),
+            syncs: 0,
+        };
+        LossyBackend {
+            disk: Arc::new(Mutex::new(disk)),
+        }
     }
 
     /// What would survive a crash right now: the contents as of the last completed sync.
@@ -50,7 +57,9 @@ impl LossyBackend {
 
     fn lock(&self) -> MutexGuard<'_, Disk> {
         // A panic while holding the lock leaves consistent bytes; keep going.
-        self.disk.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.disk
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -66,7 +75,9 @@ impl StorageBackend for LossyBackend {
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendIoError> {
         let disk = self.lock();
         let start = offset as usize;
-        let end = start.checked_add(out.len()).ok_or_else(|| io_error("read overflow"))?;
+        let end = start
+            .checked_add(out.len())
+            .ok_or_else(|| io_error("read overflow"))?;
         if end > disk.volatile.len() {
             return Err(io_error("read past end"));
         }
@@ -103,7 +114,9 @@ impl StorageBackend for LossyBackend {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendIoError> {
         let mut disk = self.lock();
         let start = offset as usize;
-        let end = start.checked_add(data.len()).ok_or_else(|| io_error("write overflow"))?;
+        let end = start
+            .checked_add(data.len())
+            .ok_or_else(|| io_error("write overflow"))?;
         if end > disk.volatile.len() {
             return Err(io_error("write past end"));
         }

@@ -1,7 +1,6 @@
 //! Durable state of a node in one redb database (DESIGN §5).
 //!
-//! Tables: `raft_log` (index → entry), `raft_state` (term, vote, commit, identity, first log
-//! index), and the state machine's tables (`nodes`, `sessions`, `ephemerals`, `dedup`,
+//! Tables: `raft_log` (index → entry), `raft_state` (term, vote, identity, first log index), and the state machine's tables (`nodes`, `sessions`, `ephemerals`, `dedup`,
 //! `fsm_meta`). [`Storage::commit_batch`] is the group commit: appending a batch of entries,
 //! the hard state, applying the committed entries and recording the applied index happen in
 //! one write transaction with one fsync, so a crash never applies an entry twice nor loses an
@@ -53,12 +52,13 @@ from_redb!(
     redb::SetDurabilityError
 );
 
-/// Term, vote and commit index: what Raft must persist before it speaks.
+/// Term and vote: what Raft must persist before it speaks (§3a.1). The commit index is not
+/// part of it: it is volatile in Raft, and on restart everything up to the applied index is
+/// known committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct HardState {
     pub term: u64,
     pub vote: u64,
-    pub commit: u64,
 }
 
 /// Who this data directory belongs to (DESIGN §3a.9).
@@ -83,12 +83,14 @@ pub struct Recovered {
     pub sessions: Vec<(SessionId, SessionRecord)>,
 }
 
-/// One group commit: entries to append (already numbered), the new hard state, and the index
-/// up to which entries are committed and must be applied.
+/// One group commit: entries to append (already numbered), the hard state if it changed, and
+/// the index up to which entries are committed and must be applied.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub entries: Vec<Entry>,
-    pub hard_state: HardState,
+    /// Written only when it changed: every table a commit touches costs page writes that the
+    /// fsync must flush, so the common write touches as few tables as possible.
+    pub hard_state: Option<HardState>,
     /// Apply every entry with index ≤ this (and > the applied index).
     pub apply_to: u64,
 }
@@ -103,7 +105,6 @@ pub struct Storage {
 
 const KEY_TERM: &str = "term";
 const KEY_VOTE: &str = "vote";
-const KEY_COMMIT: &str = "commit";
 const KEY_CLUSTER: &str = "cluster_id";
 const KEY_NODE: &str = "node_id";
 const KEY_INCARNATION: &str = "incarnation";
@@ -121,7 +122,10 @@ impl Storage {
     }
 
     /// Opens a database on a custom backend (tests: one that loses unsynced writes).
-    pub fn with_backend(backend: impl StorageBackend, log_retain: u64) -> Result<Storage, StorageError> {
+    pub fn with_backend(
+        backend: impl StorageBackend,
+        log_retain: u64,
+    ) -> Result<Storage, StorageError> {
         let db = Database::builder().create_with_backend(backend)?;
         Self::init(db, log_retain)
     }
@@ -135,7 +139,10 @@ impl Storage {
             fsm::bootstrap(&mut fsm_txn)?;
         }
         txn.commit()?;
-        Ok(Storage { db: Arc::new(db), log_retain })
+        Ok(Storage {
+            db: Arc::new(db),
+            log_retain,
+        })
     }
 
     /// Records the identity of a new data directory. Refuses to overwrite another one.
@@ -145,7 +152,9 @@ impl Storage {
             let mut state = txn.open_table(RAFT_STATE)?;
             if let Some(existing) = state.get(KEY_CLUSTER)? {
                 if existing.value() != identity.cluster_id {
-                    return Err(StorageError::Corrupt("data directory belongs to another cluster".into()));
+                    return Err(StorageError::Corrupt(
+                        "data directory belongs to another cluster".into(),
+                    ));
                 }
             }
             state.insert(KEY_CLUSTER, identity.cluster_id)?;
@@ -164,15 +173,16 @@ impl Storage {
             Ok(state.get(key)?.map(|v| v.value()))
         };
         let identity = match (get(KEY_CLUSTER)?, get(KEY_NODE)?, get(KEY_INCARNATION)?) {
-            (Some(cluster_id), Some(node_id), Some(incarnation)) => {
-                Some(Identity { cluster_id, node_id, incarnation })
-            }
+            (Some(cluster_id), Some(node_id), Some(incarnation)) => Some(Identity {
+                cluster_id,
+                node_id,
+                incarnation,
+            }),
             _ => None,
         };
         let hard_state = HardState {
             term: get(KEY_TERM)?.unwrap_or(0),
             vote: get(KEY_VOTE)?.unwrap_or(0),
-            commit: get(KEY_COMMIT)?.unwrap_or(0),
         };
         let log = txn.open_table(RAFT_LOG)?;
         let (last_index, last_term, last_time_ms) = match log.last()? {
@@ -213,9 +223,10 @@ impl Storage {
                 log.insert(entry.index, to_bytes(entry).map_err(corrupt)?.as_slice())?;
             }
             let mut state = txn.open_table(RAFT_STATE)?;
-            state.insert(KEY_TERM, batch.hard_state.term)?;
-            state.insert(KEY_VOTE, batch.hard_state.vote)?;
-            state.insert(KEY_COMMIT, batch.hard_state.commit)?;
+            if let Some(hard_state) = batch.hard_state {
+                state.insert(KEY_TERM, hard_state.term)?;
+                state.insert(KEY_VOTE, hard_state.vote)?;
+            }
 
             let mut fsm_txn = FsmTxn::open(&txn)?;
             let mut next = fsm_txn.applied()?.index + 1;
@@ -229,7 +240,9 @@ impl Storage {
                     Some(entry) => fsm::apply(&mut fsm_txn, entry)?,
                     None => match log.get(next)? {
                         Some(bytes) => fsm::apply(&mut fsm_txn, &decode(bytes.value())?)?,
-                        None => return Err(StorageError::Corrupt(format!("log entry {next} missing"))),
+                        None => {
+                            return Err(StorageError::Corrupt(format!("log entry {next} missing")))
+                        }
                     },
                 };
                 outcomes.push((next, outcome));

@@ -7,7 +7,9 @@ use lockd_protocol::SessionId;
 use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use super::decode;
-use crate::fsm::{AppliedState, DedupRecord, FsmRead, FsmStore, NodeRecord, SessionRecord, StoreError};
+use crate::fsm::{
+    AppliedState, DedupRecord, FsmRead, FsmStore, NodeRecord, SessionRecord, StoreError,
+};
 
 pub(super) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(super) const RAFT_STATE: TableDefinition<&str, u64> = TableDefinition::new("raft_state");
@@ -32,8 +34,11 @@ fn decode_rec<T: bincode::Decode<()>>(bytes: &[u8]) -> Result<T, StoreError> {
 
 // Generic readers shared by the write and the read side.
 
-fn get_node(t: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>, parent: &str, name: &str)
-    -> Result<Option<NodeRecord>, StoreError> {
+fn get_node(
+    t: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    parent: &str,
+    name: &str,
+) -> Result<Option<NodeRecord>, StoreError> {
     match t.get((parent, name)).map_err(store_err)? {
         Some(v) => Ok(Some(decode_rec(v.value())?)),
         None => Ok(None),
@@ -47,7 +52,9 @@ fn list_children(
     limit: usize,
 ) -> Result<(Vec<String>, bool), StoreError> {
     let mut names = Vec::new();
-    let range = t.range((parent, start_after.unwrap_or(""))..).map_err(store_err)?;
+    let range = t
+        .range((parent, start_after.unwrap_or(""))..)
+        .map_err(store_err)?;
     for item in range {
         let (key, _) = item.map_err(store_err)?;
         let (p, name) = key.value();
@@ -65,14 +72,20 @@ fn list_children(
     Ok((names, false))
 }
 
-fn get_session(t: &impl ReadableTable<u64, &'static [u8]>, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
+fn get_session(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    id: SessionId,
+) -> Result<Option<SessionRecord>, StoreError> {
     match t.get(id.0).map_err(store_err)? {
         Some(v) => Ok(Some(decode_rec(v.value())?)),
         None => Ok(None),
     }
 }
 
-fn list_ephemerals(t: &impl ReadableTable<(u64, &'static str), ()>, id: SessionId) -> Result<Vec<String>, StoreError> {
+fn list_ephemerals(
+    t: &impl ReadableTable<(u64, &'static str), ()>,
+    id: SessionId,
+) -> Result<Vec<String>, StoreError> {
     let mut paths = Vec::new();
     for item in t.range((id.0, "")..).map_err(store_err)? {
         let (key, _) = item.map_err(store_err)?;
@@ -85,14 +98,20 @@ fn list_ephemerals(t: &impl ReadableTable<(u64, &'static str), ()>, id: SessionI
     Ok(paths)
 }
 
-fn get_dedup(t: &impl ReadableTable<(u64, u64), &'static [u8]>, id: SessionId, seq: u64) -> Result<Option<DedupRecord>, StoreError> {
+fn get_dedup(
+    t: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    id: SessionId,
+    seq: u64,
+) -> Result<Option<DedupRecord>, StoreError> {
     match t.get((id.0, seq)).map_err(store_err)? {
         Some(v) => Ok(Some(decode_rec(v.value())?)),
         None => Ok(None),
     }
 }
 
-fn get_applied(t: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<AppliedState, StoreError> {
+fn get_applied(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<AppliedState, StoreError> {
     match t.get(KEY_APPLIED).map_err(store_err)? {
         Some(v) => decode_rec(v.value()),
         None => Ok(AppliedState::default()),
@@ -131,7 +150,12 @@ impl FsmRead for FsmTxn<'_> {
     fn node(&self, parent: &str, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         get_node(&self.nodes, parent, name)
     }
-    fn children(&self, parent: &str, start_after: Option<&str>, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+    fn children(
+        &self,
+        parent: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
         list_children(&self.nodes, parent, start_after, limit)
     }
     fn session(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
@@ -150,7 +174,9 @@ impl FsmRead for FsmTxn<'_> {
 
 impl FsmStore for FsmTxn<'_> {
     fn put_node(&mut self, parent: &str, name: &str, node: &NodeRecord) -> Result<(), StoreError> {
-        self.nodes.insert((parent, name), encode(node)?.as_slice()).map_err(store_err)?;
+        self.nodes
+            .insert((parent, name), encode(node)?.as_slice())
+            .map_err(store_err)?;
         Ok(())
     }
     fn remove_node(&mut self, parent: &str, name: &str) -> Result<(), StoreError> {
@@ -158,7 +184,9 @@ impl FsmStore for FsmTxn<'_> {
         Ok(())
     }
     fn put_session(&mut self, id: SessionId, session: &SessionRecord) -> Result<(), StoreError> {
-        self.sessions.insert(id.0, encode(session)?.as_slice()).map_err(store_err)?;
+        self.sessions
+            .insert(id.0, encode(session)?.as_slice())
+            .map_err(store_err)?;
         Ok(())
     }
     fn remove_session(&mut self, id: SessionId) -> Result<(), StoreError> {
@@ -166,15 +194,24 @@ impl FsmStore for FsmTxn<'_> {
         Ok(())
     }
     fn add_ephemeral(&mut self, id: SessionId, path: &str) -> Result<(), StoreError> {
-        self.ephemerals.insert((id.0, path), ()).map_err(store_err)?;
+        self.ephemerals
+            .insert((id.0, path), ())
+            .map_err(store_err)?;
         Ok(())
     }
     fn remove_ephemeral(&mut self, id: SessionId, path: &str) -> Result<(), StoreError> {
         self.ephemerals.remove((id.0, path)).map_err(store_err)?;
         Ok(())
     }
-    fn put_dedup(&mut self, id: SessionId, seq: u64, record: &DedupRecord) -> Result<(), StoreError> {
-        self.dedup.insert((id.0, seq), encode(record)?.as_slice()).map_err(store_err)?;
+    fn put_dedup(
+        &mut self,
+        id: SessionId,
+        seq: u64,
+        record: &DedupRecord,
+    ) -> Result<(), StoreError> {
+        self.dedup
+            .insert((id.0, seq), encode(record)?.as_slice())
+            .map_err(store_err)?;
         Ok(())
     }
     fn remove_dedup_below(&mut self, id: SessionId, below: u64) -> Result<(), StoreError> {
@@ -183,7 +220,9 @@ impl FsmStore for FsmTxn<'_> {
             .map_err(store_err)
     }
     fn set_applied(&mut self, applied: AppliedState) -> Result<(), StoreError> {
-        self.meta.insert(KEY_APPLIED, encode(&applied)?.as_slice()).map_err(store_err)?;
+        self.meta
+            .insert(KEY_APPLIED, encode(&applied)?.as_slice())
+            .map_err(store_err)?;
         Ok(())
     }
 }
@@ -217,7 +256,12 @@ impl FsmRead for FsmView<'_> {
     fn node(&self, parent: &str, name: &str) -> Result<Option<NodeRecord>, StoreError> {
         get_node(&self.table(NODES)?, parent, name)
     }
-    fn children(&self, parent: &str, start_after: Option<&str>, limit: usize) -> Result<(Vec<String>, bool), StoreError> {
+    fn children(
+        &self,
+        parent: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), StoreError> {
         list_children(&self.table(NODES)?, parent, start_after, limit)
     }
     fn session(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
