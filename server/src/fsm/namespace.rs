@@ -14,6 +14,9 @@ use lockd_protocol::{
 
 use super::store::{FsmRead, FsmStore, NodeRecord, StoreError};
 
+/// Taken sequential names skipped before a sequential create gives up with `NodeExists`.
+const MAX_SEQUENTIAL_PROBES: u32 = 64;
+
 /// Default page size of a children listing.
 const DEFAULT_CHILDREN_PAGE: usize = 1000;
 
@@ -166,9 +169,25 @@ fn create<S: FsmStore>(
         }));
     }
     let full_path = if op.sequential {
-        let p = format!("{}{:010}", op.path, parent.next_sequence);
-        parent.next_sequence += 1;
-        p
+        // A name taken by hand (say `/q/n-0000000005` created directly) is skipped rather
+        // than failing every later sequential create under this parent.
+        let mut found = None;
+        for _ in 0..MAX_SEQUENTIAL_PROBES {
+            let candidate = format!("{}{:010}", op.path, parent.next_sequence);
+            parent.next_sequence += 1;
+            if overlay.get(&candidate)?.is_none() {
+                found = Some(candidate);
+                break;
+            }
+        }
+        match found {
+            Some(p) => p,
+            None => {
+                return Ok(Err(Error::NodeExists {
+                    path: op.path.clone(),
+                }))
+            }
+        }
     } else {
         op.path.clone()
     };

@@ -230,3 +230,29 @@ fn writes_on_unknown_or_ended_sessions_are_never_applied() {
     }
     h.assert_only_bookkeeping(&before, None);
 }
+
+#[test]
+fn implicit_sessions_keep_no_responses() {
+    // The server numbers an implicit session's writes and never resends one, so nothing is
+    // kept for it: the write path touches fewer tables.
+    let mut h = Harness::new();
+    let applied = h.apply(Command::OpenSession {
+        ttl_ms: 10_000,
+        tick_ms: 100,
+        drift_ppm: 200,
+        implicit: true,
+    });
+    let s = applied.opened_session.expect("opened").session;
+    h.write_seq(s, 1, 1, create("/a", b"x"));
+    h.write_seq(s, 2, 2, set("/a", b"y", None));
+    assert!(h.store.dedup.is_empty());
+    assert_eq!(
+        h.store.sessions[&s].floor, 0,
+        "the session record is not rewritten"
+    );
+    assert_eq!(h.node("/a").unwrap().version, 1);
+    // Ephemerals still belong to it and end with it.
+    h.write_seq(s, 3, 3, create_eph("/e"));
+    h.close(s);
+    assert_eq!(h.node("/e"), None);
+}

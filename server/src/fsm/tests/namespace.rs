@@ -132,6 +132,20 @@ fn ephemeral_nodes_are_indexed_and_have_no_children() {
 }
 
 #[test]
+fn sequential_create_skips_names_taken_by_hand() {
+    let mut h = Harness::new();
+    let s = h.open();
+    h.mk(s, "/q");
+    h.mk(s, "/q/n-0000000000");
+    h.mk(s, "/q/n-0000000001");
+    assert_eq!(
+        created_path(&h.ok(s, create_seq("/q/n-", false))),
+        "/q/n-0000000002"
+    );
+    assert_eq!(h.node("/q").unwrap().next_sequence, 3);
+}
+
+#[test]
 fn sequential_suffixes_come_from_the_parents_counter() {
     let mut h = Harness::new();
     let s = h.open();
