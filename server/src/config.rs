@@ -172,6 +172,23 @@ mod tests {
     }
 
     #[test]
+    fn reads_toml_with_the_flag_names_and_rejects_unknown_keys() {
+        let config: Config = toml::from_str(
+            "data_dir = \"/var/lib/lockd\"\nclient_addr = \"0.0.0.0:7001\"\ntick_ms = 50\nsession_ttl_max_ms = 60000\n",
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, std::path::PathBuf::from("/var/lib/lockd"));
+        assert_eq!(config.client_addr, "0.0.0.0:7001");
+        assert_eq!((config.tick_ms, config.session_ttl_max_ms), (50, 60_000));
+        assert_eq!(
+            config.max_data,
+            Config::default().max_data,
+            "unset keys keep defaults"
+        );
+        assert!(toml::from_str::<Config>("tick_msec = 5").is_err());
+    }
+
+    #[test]
     fn clamps_ttl() {
         let config = Config::default();
         assert_eq!(config.clamp_ttl(1), 1_000);

@@ -131,6 +131,9 @@ async fn power_loss_keeps_every_acknowledged_write() {
     }
 }
 
+/// Tests with real processes run one at a time (DESIGN §3a.15).
+static PROCESS_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -167,6 +170,7 @@ async fn wait_until_serving(port: u16) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_keeps_every_acknowledged_write() {
+    let _one_at_a_time = PROCESS_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut child = spawn_lockd(dir.path(), port);
@@ -202,4 +206,60 @@ async fn sigkill_under_load_keeps_every_acknowledged_write() {
     .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_under_load() {
+    let _one_at_a_time = PROCESS_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = spawn_lockd(dir.path(), port);
+    let addr = wait_until_serving(port).await;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers = spawn_writers(addr, 4, acked.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        for _ in 0..500 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        None
+    })
+    .await
+    .unwrap();
+    let status = exited.expect("lockd exits within 10 s of SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    for w in writers {
+        let _ = w.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    let port = free_port();
+    let mut child = spawn_lockd(dir.path(), port);
+    let addr = wait_until_serving(port).await;
+    assert_all_present(addr, &acked).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_data_dir_of_another_cluster_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path().to_path_buf()).await;
+    server.stop().await.unwrap();
+    let config = Config {
+        cluster_token: "another".into(),
+        ..Config::for_tests(dir.path().to_path_buf())
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let result = lockd_server::run(listener, config, std::future::pending()).await;
+    assert!(
+        matches!(result, Err(lockd_server::ServerError::WrongCluster { .. })),
+        "{result:?}"
+    );
 }
