@@ -58,6 +58,10 @@ pub(crate) enum CallError {
 /// Receives frames the server pushes without a request.
 pub(crate) trait PushHandler: Send + Sync + 'static {
     fn session_event(&self, session: SessionId, revision: Revision, event: SessionEventKind);
+    /// A frame of a watch stream (`WatchEvents`, `WatchProgress`, `WatchEnded`).
+    fn watch_message(&self, message: ServerMessage) {
+        tracing::debug!(?message, "watch frame with no watch registered");
+    }
 }
 
 /// Why connecting to one endpoint failed.
@@ -339,6 +343,11 @@ async fn read_loop(
             Some(Ok(ServerMessage::HelloOk(_))) => {
                 tracing::warn!(addr, "unexpected HelloOk after the handshake");
             }
+            Some(Ok(
+                message @ (ServerMessage::WatchEvents { .. }
+                | ServerMessage::WatchProgress { .. }
+                | ServerMessage::WatchEnded { .. }),
+            )) => push.watch_message(message),
         }
     }
     shared.cancel.cancel();

@@ -117,6 +117,26 @@ pub enum Error {
         requested: Revision,
         applied: Revision,
     },
+
+    // --- locks and watches ---
+    /// A fenced write whose lock is no longer held under that token.
+    #[error("fencing rejected: lock {lock} is not held under token {token}")]
+    FencingRejected { lock: String, token: u64 },
+    /// Release of a grant that does not hold the lock (released, revoked, or never).
+    #[error("lock {lock} is not held under token {token}")]
+    LockNotHeld { lock: String, token: u64 },
+    /// Cancel of an acquire that is neither waiting nor holding.
+    #[error("no acquire {acquire_id} on lock {lock}")]
+    NoSuchAcquire { lock: String, acquire_id: u64 },
+    /// The watch's start revision is older than the kept event history.
+    #[error("revision compacted: the oldest kept revision is {oldest}")]
+    Compacted { oldest: Revision },
+    /// The watch fell behind and was cancelled; resume from `resume_from`.
+    #[error("watch fell behind; resume from revision {resume_from}")]
+    Lagged { resume_from: Revision },
+    /// No such watch on this connection.
+    #[error("no watch {watch_id}")]
+    NoSuchWatch { watch_id: u64 },
 }
 
 /// The error inside [`Error::MultiFailed`]: an [`Error`] behind a box whose decoding refuses

@@ -49,6 +49,81 @@ pub enum Request {
     CloseSession { session: SessionId },
     /// Describes the cluster as this node sees it.
     ClusterStatus,
+    /// A write applied only if `fence.lock` is still held under the grant with
+    /// `fence.token`, whoever sends it (Chubby's sequencer check); else `FencingRejected`.
+    FencedWrite {
+        session: Option<SessionSeq>,
+        op: WriteOp,
+        fence: Fence,
+    },
+    /// Starts a watch stream; answered `WatchCreated`, then events are pushed.
+    Watch(WatchRequest),
+    /// Ends a watch stream; answered `WatchCancelled`.
+    CancelWatch { watch_id: u64 },
+}
+
+/// Names a lock grant: writes carrying it apply only while the grant holds the lock.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub lock: String,
+    pub token: u64,
+}
+
+/// What a watch observes.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum WatchTarget {
+    /// Changes to one node (created, changed, deleted).
+    Node(String),
+    /// Children of a node being created or deleted (and changes to them).
+    Children(String),
+    /// Every node at or below a path.
+    Prefix(String),
+    /// Events of one session: its lock grants, revocations and ended waits, and its end.
+    Session(SessionId),
+    /// Events of one lock: grants (with the holder's value), releases, revocations.
+    Lock(String),
+}
+
+/// A new watch.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct WatchRequest {
+    pub target: WatchTarget,
+    /// First revision to deliver; `None` = from the next revision ("now").
+    pub start_revision: Option<Revision>,
+    /// Include node data in created/changed events.
+    pub with_data: bool,
+}
+
+/// Acquire a named exclusive lock for the writing session. Each acquire is its own grant or
+/// waiter (DESIGN §3a.11). Answered `Lock(Granted { token })` or `Lock(Queued { waiter_id })`
+/// (or `Lock(NotAcquired)` for a try-acquire of a held lock).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct AcquireOp {
+    pub lock: String,
+    /// Stored with the grant (a leader election's value); at most the data size limit.
+    pub value: Vec<u8>,
+    /// Do not queue: answer `NotAcquired` if the lock is not free now.
+    pub try_only: bool,
+    /// Give up waiting after this long (entry time); the waiter then gets a
+    /// `LockWaitEnded { TimedOut }` event.
+    pub timeout_ms: Option<u64>,
+    /// The lock's lock-delay (at most 60 s), set by the first acquire that names one.
+    pub lock_delay_ms: Option<u64>,
+}
+
+/// Release the grant `token` of `lock`.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseOp {
+    pub lock: String,
+    pub token: u64,
+}
+
+/// Cancel-or-release: withdraw the acquire `acquire_id`; if it was granted meanwhile,
+/// release that grant.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct CancelOp {
+    pub lock: String,
+    pub acquire_id: u64,
 }
 
 /// Read operations.
@@ -62,6 +137,13 @@ pub enum ReadOp {
     /// `limit` (0 = server default). `more` in the reply says whether a next page exists.
     Children {
         path: String,
+        start_after: Option<String>,
+        limit: u32,
+    },
+    /// Holder, waiters and delay of a lock.
+    Lock { name: String },
+    /// Locks in name order, a page at a time.
+    Locks {
         start_after: Option<String>,
         limit: u32,
     },
@@ -108,6 +190,9 @@ pub enum WriteOp {
     Delete(DeleteOp),
     /// All operations apply, in order, or none does.
     Multi(Vec<MultiOp>),
+    Acquire(AcquireOp),
+    Release(ReleaseOp),
+    Cancel(CancelOp),
 }
 
 /// One operation of a `multi`.
@@ -143,6 +228,83 @@ pub enum ServerMessage {
     },
     /// Sent before the server closes the connection, with the reason.
     Goodbye { reason: Error },
+    /// Events of a watch. All events of one revision arrive in order; a revision too large
+    /// for one frame spans several, and only the last has `revision_complete` set.
+    WatchEvents {
+        watch_id: u64,
+        events: Vec<Event>,
+        revision_complete: bool,
+    },
+    /// Progress notification (bookmark): every event of the watch up to `revision` has been
+    /// sent. A client resumes from max(last complete revision, last bookmark) + 1.
+    WatchProgress { watch_id: u64, revision: Revision },
+    /// The watch ended: `Lagged { resume_from }`, `Compacted { oldest }`, `ShuttingDown`...
+    WatchEnded { watch_id: u64, reason: Error },
+}
+
+/// One event of the history.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub revision: Revision,
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Created {
+        path: String,
+        stat: Stat,
+        data: Option<Vec<u8>>,
+    },
+    Changed {
+        path: String,
+        stat: Stat,
+        data: Option<Vec<u8>>,
+    },
+    Deleted {
+        path: String,
+    },
+    /// A session ended (`expired` false: closed).
+    SessionEnded {
+        session: SessionId,
+        expired: bool,
+    },
+    /// `token` now holds `lock`, for `session`'s acquire `acquire_id`, with its `value`.
+    LockGranted {
+        lock: String,
+        token: u64,
+        session: SessionId,
+        acquire_id: u64,
+        value: Vec<u8>,
+    },
+    /// The grant was released by its holder.
+    LockReleased {
+        lock: String,
+        token: u64,
+        session: SessionId,
+    },
+    /// The grant was taken away: its session ended. Its token fails from now on.
+    LockRevoked {
+        lock: String,
+        token: u64,
+        session: SessionId,
+    },
+    /// A waiter stopped waiting without a grant.
+    LockWaitEnded {
+        lock: String,
+        acquire_id: u64,
+        session: SessionId,
+        reason: WaitEndReason,
+    },
+}
+
+/// Why a waiter stopped waiting.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEndReason {
+    TimedOut,
+    Cancelled,
+    SessionEnded,
 }
 
 /// The server's handshake answer.
@@ -189,6 +351,48 @@ pub enum Reply {
     SessionClosed,
     /// `ClusterStatus`.
     ClusterStatus(ClusterStatus),
+    /// `ReadOp::Lock`.
+    Lock(LockInfo),
+    /// `ReadOp::Locks`.
+    Locks { locks: Vec<LockInfo>, more: bool },
+    /// `Watch`: the stream's id and the concrete first revision it delivers.
+    WatchCreated {
+        watch_id: u64,
+        start_revision: Revision,
+    },
+    /// `CancelWatch`.
+    WatchCancelled,
+}
+
+/// A lock's state.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct LockInfo {
+    pub name: String,
+    pub holder: Option<LockHolder>,
+    /// Waiters in grant order.
+    pub waiters: Vec<LockWaiter>,
+    pub lock_delay_ms: u64,
+    /// While set, no grant is made before this entry time (ms).
+    pub delayed_until_ms: Option<u64>,
+}
+
+/// The current grant.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct LockHolder {
+    pub token: u64,
+    pub session: SessionId,
+    pub acquire_id: u64,
+    pub value: Vec<u8>,
+}
+
+/// A queued acquire.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub struct LockWaiter {
+    pub acquire_id: u64,
+    pub session: SessionId,
+    pub value: Vec<u8>,
+    /// Entry time (ms) after which the wait ends.
+    pub deadline_ms: Option<u64>,
 }
 
 /// What a write did.
@@ -205,6 +409,25 @@ pub enum WriteResult {
     Deleted,
     /// Per-operation results of a successful `multi`.
     Multi(Vec<MultiResult>),
+    /// `Acquire`.
+    Lock(LockResult),
+    /// `Release`.
+    Released,
+    /// `Cancel`: `released` if the acquire had been granted and the grant was released.
+    Cancelled {
+        released: bool,
+    },
+}
+
+/// Outcome of an acquire.
+#[derive(Encode, Decode, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockResult {
+    /// Held now; `token` is the fencing token (= this revision) and the acquire id.
+    Granted { token: u64 },
+    /// Waiting; the grant comes as a `LockGranted` event for the session.
+    Queued { waiter_id: u64 },
+    /// A try-acquire of a lock that is not free.
+    NotAcquired,
 }
 
 /// Result of one operation of a successful `multi`.

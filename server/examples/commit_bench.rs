@@ -63,6 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 floor: seq,
             },
             op,
+            fence: None,
         }
     };
     let mut entries = Vec::new();

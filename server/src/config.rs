@@ -48,6 +48,8 @@ pub struct Config {
     /// How long the event loop polls for new requests before parking its thread, in µs
     /// (0 = park at once). Trades a little CPU for lower latency at low concurrency.
     pub spin_us: u64,
+    /// Interval of watch progress notifications (bookmarks), in ms.
+    pub watch_progress_ms: u64,
 }
 
 impl Default for Config {
@@ -71,6 +73,7 @@ impl Default for Config {
             log_retain: 10_000,
             log_format: "text".to_string(),
             spin_us: 200,
+            watch_progress_ms: 1_000,
         }
     }
 }
@@ -90,6 +93,7 @@ impl Config {
             session_ttl_min_ms: 50,
             implicit_session_ttl_ms: 2_000,
             spin_us: 0,
+            watch_progress_ms: 50,
             ..Config::default()
         }
     }
@@ -117,6 +121,9 @@ impl Config {
         }
         if self.max_batch == 0 || self.max_connections == 0 {
             return fail("max_batch and max_connections must be > 0");
+        }
+        if self.watch_progress_ms == 0 {
+            return fail("watch_progress_ms must be > 0");
         }
         if self.spin_us > 10_000 {
             return fail("spin_us must be at most 10000");

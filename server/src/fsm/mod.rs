@@ -8,6 +8,7 @@
 //! happens before proposing, never here.
 #![deny(clippy::disallowed_types)]
 
+pub mod locks;
 mod namespace;
 mod store;
 
@@ -16,22 +17,35 @@ mod tests;
 
 use bincode::{Decode, Encode};
 use lockd_protocol::{
-    Error, ReadOp, Reply, SessionEventKind, SessionGrant, SessionId, SessionSeq, WriteOp,
-    SEQ_WINDOW,
+    Error, Event, EventKind, Fence, LockInfo, ReadOp, Reply, SessionEventKind, SessionGrant,
+    SessionId, SessionSeq, WriteOp, SEQ_WINDOW,
 };
 
+pub use locks::LockTimer;
 pub use namespace::{split_path, stat_of};
 pub use store::{
-    AppliedState, DedupRecord, FsmRead, FsmStore, MemStore, NodeRecord, SessionRecord, StoreError,
+    AppliedState, DedupRecord, FsmRead, FsmStore, LockRecord, MemStore, NodeRecord, SessionRecord,
+    StoreError,
 };
+
+/// Revisions of event history kept for watches; older ones are compacted in the same
+/// deterministic way on every node.
+pub const EVENT_HISTORY_REVISIONS: u64 = 10_000;
+/// History is compacted in steps of this many revisions.
+const HISTORY_COMPACTION_STEP: u64 = 64;
 
 use crate::raft::{Entry, EntryKind};
 
 /// A state machine command: the payload of a `Command` entry.
 #[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// A namespace write under a session (the implicit one included), exactly once.
-    Write { session: SessionSeq, op: WriteOp },
+    /// A namespace or lock write under a session (the implicit one included), exactly once;
+    /// with a fence, applied only while that lock is held under that token.
+    Write {
+        session: SessionSeq,
+        op: WriteOp,
+        fence: Option<Fence>,
+    },
     /// Opens a session whose id will be this entry's index. The terms are already clamped.
     OpenSession {
         ttl_ms: u64,
@@ -43,6 +57,10 @@ pub enum Command {
     CloseSession { session: SessionId },
     /// Ends sessions whose deadline passed on the leader that proposed this entry.
     Expire { sessions: Vec<SessionId> },
+    /// Ends a lock's delay if the entry time has reached it (leader-proposed).
+    EndLockDelay { lock: String },
+    /// Ends waits whose deadline the entry time has reached (leader-proposed).
+    ExpireWaiters { lock: String, acquire_ids: Vec<u64> },
 }
 
 /// What applying one entry did.
@@ -57,6 +75,10 @@ pub struct Applied {
     pub ended_sessions: Vec<(SessionId, SessionEventKind)>,
     /// A session opened by this entry, with its terms.
     pub opened_session: Option<SessionGrant>,
+    /// The watch events of this entry (all of its revision), as stored in the history.
+    pub events: Vec<Event>,
+    /// Lock deadlines the leader must act on.
+    pub lock_timers: Vec<LockTimer>,
 }
 
 impl Applied {
@@ -66,6 +88,8 @@ impl Applied {
             result,
             ended_sessions: Vec::new(),
             opened_session: None,
+            events: Vec::new(),
+            lock_timers: Vec::new(),
         }
     }
 }
@@ -82,14 +106,37 @@ pub fn bootstrap<S: FsmStore>(store: &mut S) -> Result<(), StoreError> {
 /// inside `Applied::result`.
 pub fn apply<S: FsmStore>(store: &mut S, entry: &Entry) -> Result<Applied, StoreError> {
     let rev = entry.index;
-    let applied = match &entry.kind {
+    let mut fx = locks::LockEffects::default();
+    let mut applied = match &entry.kind {
+        // Noop and Expire answer nobody; the result is a placeholder.
         EntryKind::Noop => Applied::reply(rev, Ok(Reply::SessionClosed)),
-        EntryKind::Command(command) => apply_command(store, entry, command)?,
+        EntryKind::Command(command) => apply_command(store, entry, command, &mut fx)?,
     };
+    let previous = store.applied()?;
+    if !fx.events.is_empty() {
+        applied.events = fx
+            .events
+            .into_iter()
+            .map(|kind| Event {
+                revision: rev,
+                kind,
+            })
+            .collect();
+        store.put_events(rev, &applied.events)?;
+    }
+    applied.lock_timers = fx.timers;
+    // Deterministic compaction of the event history: every node keeps the same revisions.
+    let mut history_from = previous.history_from;
+    let keep_from = rev.saturating_sub(EVENT_HISTORY_REVISIONS);
+    if keep_from >= history_from + HISTORY_COMPACTION_STEP {
+        store.remove_events_below(keep_from)?;
+        history_from = keep_from;
+    }
     store.set_applied(AppliedState {
         index: rev,
         term: entry.term,
         time_ms: entry.time_ms,
+        history_from,
     })?;
     Ok(applied)
 }
@@ -98,10 +145,21 @@ fn apply_command<S: FsmStore>(
     store: &mut S,
     entry: &Entry,
     command: &Command,
+    fx: &mut locks::LockEffects,
 ) -> Result<Applied, StoreError> {
     let rev = entry.index;
     match command {
-        Command::Write { session, op } => apply_write(store, rev, *session, op),
+        Command::Write { session, op, fence } => {
+            apply_write(store, entry, *session, op, fence.as_ref(), fx)
+        }
+        Command::EndLockDelay { lock } => {
+            locks::end_delay(store, rev, entry.time_ms, lock, fx)?;
+            Ok(Applied::reply(rev, Ok(Reply::SessionClosed)))
+        }
+        Command::ExpireWaiters { lock, acquire_ids } => {
+            locks::expire_waiters(store, entry.time_ms, lock, acquire_ids, fx)?;
+            Ok(Applied::reply(rev, Ok(Reply::SessionClosed)))
+        }
         Command::OpenSession {
             ttl_ms,
             tick_ms,
@@ -131,7 +189,7 @@ fn apply_command<S: FsmStore>(
             if store.session(*session)?.is_none() {
                 return Ok(Applied::reply(rev, Err(missing_session(*session, rev))));
             }
-            end_session(store, rev, *session)?;
+            end_session(store, rev, entry.time_ms, *session, false, fx)?;
             let mut applied = Applied::reply(rev, Ok(Reply::SessionClosed));
             applied
                 .ended_sessions
@@ -146,7 +204,7 @@ fn apply_command<S: FsmStore>(
             }
             for &session in sessions {
                 if store.session(session)?.is_some() {
-                    end_session(store, rev, session)?;
+                    end_session(store, rev, entry.time_ms, session, true, fx)?;
                     applied
                         .ended_sessions
                         .push((session, SessionEventKind::Expired));
@@ -169,10 +227,13 @@ fn missing_session(session: SessionId, rev: u64) -> Error {
 
 fn apply_write<S: FsmStore>(
     store: &mut S,
-    rev: u64,
+    entry: &Entry,
     header: SessionSeq,
     op: &WriteOp,
+    fence: Option<&Fence>,
+    fx: &mut locks::LockEffects,
 ) -> Result<Applied, StoreError> {
+    let rev = entry.index;
     let id = header.session;
     let Some(mut session) = store.session(id)? else {
         return Ok(Applied::reply(rev, Err(missing_session(id, rev))));
@@ -181,7 +242,7 @@ fn apply_write<S: FsmStore>(
         // The server numbers an implicit session's requests and never resends one (a client
         // whose connection is lost gets `Indeterminate`), so no response is kept: skipping
         // the dedup and floor records keeps the common write to three tables.
-        let result = namespace::apply_op(store, rev, id, op)?.map(Reply::Write);
+        let result = apply_op(store, entry, id, op, fence, fx)?;
         return Ok(Applied::reply(rev, result));
     }
     if header.floor > session.floor {
@@ -211,7 +272,7 @@ fn apply_write<S: FsmStore>(
     if let Some(first) = store.dedup(id, header.seq)? {
         return Ok(Applied::reply(first.revision, first.result));
     }
-    let result = namespace::apply_op(store, rev, id, op)?.map(Reply::Write);
+    let result = apply_op(store, entry, id, op, fence, fx)?;
     store.put_dedup(
         id,
         header.seq,
@@ -223,11 +284,49 @@ fn apply_write<S: FsmStore>(
     Ok(Applied::reply(rev, result))
 }
 
-/// Deletes a session's ephemeral nodes, forgets its responses, removes it.
-fn end_session<S: FsmStore>(store: &mut S, rev: u64, session: SessionId) -> Result<(), StoreError> {
-    for path in store.ephemerals(session)? {
-        namespace::delete_ephemeral(store, rev, session, &path)?;
+/// Checks the fence, then applies a namespace or lock operation.
+fn apply_op<S: FsmStore>(
+    store: &mut S,
+    entry: &Entry,
+    session: SessionId,
+    op: &WriteOp,
+    fence: Option<&Fence>,
+    fx: &mut locks::LockEffects,
+) -> Result<Result<Reply, Error>, StoreError> {
+    let rev = entry.index;
+    if let Some(fence) = fence {
+        if !locks::holds(store, &fence.lock, fence.token)? {
+            return Ok(Err(Error::FencingRejected {
+                lock: fence.lock.clone(),
+                token: fence.token,
+            }));
+        }
     }
+    let result = match op {
+        WriteOp::Acquire(a) => locks::acquire(store, rev, entry.time_ms, session, a, fx)?,
+        WriteOp::Release(r) => locks::release(store, rev, r, fx)?,
+        WriteOp::Cancel(c) => locks::cancel(store, rev, c, fx)?,
+        _ => namespace::apply_op(store, rev, session, op, &mut fx.events)?,
+    };
+    Ok(result.map(Reply::Write))
+}
+
+/// Deletes a session's ephemeral nodes, ends its grants and waits, forgets its responses,
+/// removes it: all in the one entry that ends it.
+fn end_session<S: FsmStore>(
+    store: &mut S,
+    rev: u64,
+    time_ms: u64,
+    session: SessionId,
+    expired: bool,
+    fx: &mut locks::LockEffects,
+) -> Result<(), StoreError> {
+    for path in store.ephemerals(session)? {
+        fx.events
+            .extend(namespace::delete_ephemeral(store, rev, session, &path)?);
+    }
+    locks::end_session(store, rev, time_ms, session, expired, fx)?;
+    fx.events.push(EventKind::SessionEnded { session, expired });
     store.remove_dedup_below(session, u64::MAX)?;
     store.remove_session(session)
 }
@@ -238,5 +337,37 @@ pub fn read<S: FsmRead>(
     op: &ReadOp,
     max_children: usize,
 ) -> Result<Result<Reply, Error>, StoreError> {
-    namespace::read(store, op, max_children)
+    match op {
+        ReadOp::Lock { name } => {
+            if let Err(e) = locks::validate_name(name) {
+                return Ok(Err(e));
+            }
+            let lock = store.lock(name)?.unwrap_or_default();
+            Ok(Ok(Reply::Lock(lock_info(name.clone(), lock))))
+        }
+        ReadOp::Locks { start_after, limit } => {
+            let limit = if *limit == 0 {
+                1000
+            } else {
+                (*limit as usize).min(max_children)
+            };
+            let (locks, more) = store.locks(start_after.as_deref(), limit)?;
+            let locks = locks
+                .into_iter()
+                .map(|(name, lock)| lock_info(name, lock))
+                .collect();
+            Ok(Ok(Reply::Locks { locks, more }))
+        }
+        _ => namespace::read(store, op, max_children),
+    }
+}
+
+fn lock_info(name: String, lock: LockRecord) -> LockInfo {
+    LockInfo {
+        name,
+        holder: lock.holder,
+        waiters: lock.waiters,
+        lock_delay_ms: lock.lock_delay_ms,
+        delayed_until_ms: lock.delayed_until_ms,
+    }
 }

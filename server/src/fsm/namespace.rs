@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use lockd_protocol::path;
 use lockd_protocol::{
-    CheckOp, CreateOp, DeleteOp, Error, MultiOp, MultiResult, ReadOp, Reply, SessionId, SetOp,
-    Stat, WriteOp, WriteResult,
+    CheckOp, CreateOp, DeleteOp, Error, EventKind, MultiOp, MultiResult, ReadOp, Reply, SessionId,
+    SetOp, Stat, WriteOp, WriteResult,
 };
 
 use super::store::{FsmRead, FsmStore, NodeRecord, StoreError};
@@ -46,6 +46,8 @@ struct Overlay<'a, S> {
     store: &'a mut S,
     nodes: BTreeMap<String, Option<NodeRecord>>,
     ephemerals: BTreeMap<(SessionId, String), bool>,
+    /// Watch events of the changes, in order; dropped with the overlay on failure.
+    events: Vec<EventKind>,
 }
 
 impl<'a, S: FsmStore> Overlay<'a, S> {
@@ -54,6 +56,7 @@ impl<'a, S: FsmStore> Overlay<'a, S> {
             store,
             nodes: BTreeMap::new(),
             ephemerals: BTreeMap::new(),
+            events: Vec::new(),
         }
     }
 
@@ -73,7 +76,8 @@ impl<'a, S: FsmStore> Overlay<'a, S> {
         self.nodes.insert(p.to_string(), None);
     }
 
-    fn commit(self) -> Result<(), StoreError> {
+    /// Writes the buffered changes; returns their events.
+    fn commit(self) -> Result<Vec<EventKind>, StoreError> {
         for (p, node) in &self.nodes {
             let (parent, name) = split_path(p);
             match node {
@@ -88,7 +92,7 @@ impl<'a, S: FsmStore> Overlay<'a, S> {
                 self.store.remove_ephemeral(*session, p)?;
             }
         }
-        Ok(())
+        Ok(self.events)
     }
 }
 
@@ -99,6 +103,7 @@ pub fn apply_op<S: FsmStore>(
     rev: u64,
     session: SessionId,
     op: &WriteOp,
+    events: &mut Vec<EventKind>,
 ) -> Result<Result<WriteResult, Error>, StoreError> {
     let mut overlay = Overlay::new(store);
     let result = match op {
@@ -107,9 +112,14 @@ pub fn apply_op<S: FsmStore>(
         WriteOp::Set(s) => set(&mut overlay, rev, s)?.map(|stat| WriteResult::Set { stat }),
         WriteOp::Delete(d) => delete(&mut overlay, rev, d)?.map(|()| WriteResult::Deleted),
         WriteOp::Multi(ops) => multi(&mut overlay, rev, session, ops)?.map(WriteResult::Multi),
+        WriteOp::Acquire(_) | WriteOp::Release(_) | WriteOp::Cancel(_) => {
+            return Ok(Err(Error::Internal(
+                "lock operations are applied by fsm::locks".into(),
+            )))
+        }
     };
     if result.is_ok() {
-        overlay.commit()?;
+        events.extend(overlay.commit()?);
     }
     Ok(result)
 }
@@ -212,6 +222,12 @@ fn create<S: FsmStore>(
     parent.num_children += 1;
     parent.children_version += 1;
     overlay.put(parent_path, parent);
+    let data = Some(node.data.clone());
+    overlay.events.push(EventKind::Created {
+        path: full_path.clone(),
+        stat: stat.clone(),
+        data,
+    });
     overlay.put(&full_path, node);
     if let Some(owner) = owner {
         overlay.ephemerals.insert((owner, full_path.clone()), true);
@@ -251,6 +267,12 @@ fn set<S: FsmStore>(overlay: &mut Overlay<'_, S>, rev: u64, op: &SetOp) -> OpRes
     node.version += 1;
     node.mod_rev = rev;
     let stat = stat_of(&node);
+    let data = Some(node.data.clone());
+    overlay.events.push(EventKind::Changed {
+        path: op.path.clone(),
+        stat: stat.clone(),
+        data,
+    });
     overlay.put(&op.path, node);
     Ok(Ok(stat))
 }
@@ -293,6 +315,9 @@ fn unlink<S: FsmStore>(
     if let Some(owner) = node.ephemeral_owner {
         overlay.ephemerals.insert((owner, p.to_string()), false);
     }
+    overlay.events.push(EventKind::Deleted {
+        path: p.to_string(),
+    });
     overlay.remove(p);
     Ok(())
 }
@@ -311,7 +336,7 @@ pub fn delete_ephemeral<S: FsmStore>(
     _rev: u64,
     session: SessionId,
     p: &str,
-) -> Result<(), StoreError> {
+) -> Result<Vec<EventKind>, StoreError> {
     let mut overlay = Overlay::new(store);
     match overlay.get(p)? {
         Some(node) if node.ephemeral_owner == Some(session) => unlink(&mut overlay, p, &node)?,
@@ -327,6 +352,11 @@ pub fn delete_ephemeral<S: FsmStore>(
 pub fn read<S: FsmRead>(store: &S, op: &ReadOp, max_children: usize) -> OpResult<Reply> {
     let p = match op {
         ReadOp::Get { path } | ReadOp::Stat { path } | ReadOp::Children { path, .. } => path,
+        ReadOp::Lock { .. } | ReadOp::Locks { .. } => {
+            return Ok(Err(Error::Internal(
+                "lock reads are served by fsm::read".into(),
+            )))
+        }
     };
     if let Err(e) = path::validate(p) {
         return Ok(Err(e));
@@ -356,6 +386,9 @@ pub fn read<S: FsmRead>(store: &S, op: &ReadOp, max_children: usize) -> OpResult
             .min(max_children);
             let (names, more) = store.children(p, start_after.as_deref(), limit)?;
             Ok(Reply::Children { names, more })
+        }
+        (ReadOp::Lock { .. } | ReadOp::Locks { .. }, Some(_)) => {
+            Err(Error::Internal("lock reads are served by fsm::read".into()))
         }
     })
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use bincode::{Decode, Encode};
-use lockd_protocol::{Error, Reply, Revision, SessionId};
+use lockd_protocol::{Error, Event, LockHolder, LockWaiter, Reply, Revision, SessionId};
 
 /// A failure of the underlying store. Not a client error: the node stops applying.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -52,6 +52,20 @@ pub struct AppliedState {
     pub term: u64,
     /// Entry time of the last applied entry.
     pub time_ms: u64,
+    /// Oldest revision of the kept event history (0 before any compaction).
+    pub history_from: u64,
+}
+
+/// A lock as stored. Removed when nobody holds or waits and it has no delay settings.
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LockRecord {
+    pub holder: Option<LockHolder>,
+    /// FIFO: the front is granted next.
+    pub waiters: Vec<LockWaiter>,
+    pub lock_delay_ms: u64,
+    /// While set, no grant is made; cleared by a leader's `EndLockDelay` entry whose time is
+    /// at least this (DESIGN §3a.12).
+    pub delayed_until_ms: Option<u64>,
 }
 
 /// Read access to the state machine's tables.
@@ -70,6 +84,17 @@ pub trait FsmRead {
     fn ephemerals(&self, id: SessionId) -> Result<Vec<String>, StoreError>;
     fn dedup(&self, id: SessionId, seq: u64) -> Result<Option<DedupRecord>, StoreError>;
     fn applied(&self) -> Result<AppliedState, StoreError>;
+    fn lock(&self, name: &str) -> Result<Option<LockRecord>, StoreError>;
+    /// Locks after `start_after` in name order, at most `limit`; and whether more exist.
+    fn locks(
+        &self,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, LockRecord)>, bool), StoreError>;
+    /// (lock, acquire id) of every grant and wait of a session, in order.
+    fn session_locks(&self, id: SessionId) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Events of revisions `from..`, whole revisions, stopping after `max_events` events.
+    fn events(&self, from: Revision, max_events: usize) -> Result<Vec<Event>, StoreError>;
 }
 
 /// Write access, used only by `Fsm::apply`.
@@ -89,6 +114,24 @@ pub trait FsmStore: FsmRead {
     /// Removes the session's records with seq < `below` (all of them for `u64::MAX`).
     fn remove_dedup_below(&mut self, id: SessionId, below: u64) -> Result<(), StoreError>;
     fn set_applied(&mut self, applied: AppliedState) -> Result<(), StoreError>;
+    fn put_lock(&mut self, name: &str, lock: &LockRecord) -> Result<(), StoreError>;
+    fn remove_lock(&mut self, name: &str) -> Result<(), StoreError>;
+    fn add_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError>;
+    fn remove_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError>;
+    /// Stores the events of one revision.
+    fn put_events(&mut self, revision: Revision, events: &[Event]) -> Result<(), StoreError>;
+    /// Removes the events of revisions below `below`.
+    fn remove_events_below(&mut self, below: Revision) -> Result<(), StoreError>;
 }
 
 /// In-memory store with ordered maps: the simulation's and unit tests' state machine.
@@ -99,6 +142,9 @@ pub struct MemStore {
     pub ephemerals: BTreeMap<(SessionId, String), ()>,
     pub dedup: BTreeMap<(SessionId, u64), DedupRecord>,
     pub applied: AppliedState,
+    pub locks: BTreeMap<String, LockRecord>,
+    pub session_locks: BTreeMap<(SessionId, String, u64), ()>,
+    pub events: BTreeMap<Revision, Vec<Event>>,
 }
 
 impl FsmRead for MemStore {
@@ -152,6 +198,50 @@ impl FsmRead for MemStore {
 
     fn applied(&self) -> Result<AppliedState, StoreError> {
         Ok(self.applied)
+    }
+
+    fn lock(&self, name: &str) -> Result<Option<LockRecord>, StoreError> {
+        Ok(self.locks.get(name).cloned())
+    }
+
+    fn locks(
+        &self,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, LockRecord)>, bool), StoreError> {
+        use std::ops::Bound;
+        let lower = match start_after {
+            Some(after) => Bound::Excluded(after.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for (name, lock) in self.locks.range((lower, Bound::Unbounded)) {
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push((name.clone(), lock.clone()));
+        }
+        Ok((out, false))
+    }
+
+    fn session_locks(&self, id: SessionId) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .session_locks
+            .range((id, String::new(), 0)..)
+            .take_while(|((s, _, _), _)| *s == id)
+            .map(|((_, name, acquire), _)| (name.clone(), *acquire))
+            .collect())
+    }
+
+    fn events(&self, from: Revision, max_events: usize) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        for (_, events) in self.events.range(from..) {
+            if out.len() >= max_events {
+                break;
+            }
+            out.extend(events.iter().cloned());
+        }
+        Ok(out)
     }
 }
 
@@ -211,6 +301,48 @@ impl FsmStore for MemStore {
 
     fn set_applied(&mut self, applied: AppliedState) -> Result<(), StoreError> {
         self.applied = applied;
+        Ok(())
+    }
+
+    fn put_lock(&mut self, name: &str, lock: &LockRecord) -> Result<(), StoreError> {
+        self.locks.insert(name.to_string(), lock.clone());
+        Ok(())
+    }
+
+    fn remove_lock(&mut self, name: &str) -> Result<(), StoreError> {
+        self.locks.remove(name);
+        Ok(())
+    }
+
+    fn add_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError> {
+        self.session_locks
+            .insert((id, name.to_string(), acquire_id), ());
+        Ok(())
+    }
+
+    fn remove_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError> {
+        self.session_locks
+            .remove(&(id, name.to_string(), acquire_id));
+        Ok(())
+    }
+
+    fn put_events(&mut self, revision: Revision, events: &[Event]) -> Result<(), StoreError> {
+        self.events.insert(revision, events.to_vec());
+        Ok(())
+    }
+
+    fn remove_events_below(&mut self, below: Revision) -> Result<(), StoreError> {
+        self.events = self.events.split_off(&below);
         Ok(())
     }
 }

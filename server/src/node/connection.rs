@@ -14,15 +14,18 @@ use std::time::Duration;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use lockd_protocol::{
-    ClientMessage, Error, FrameCodec, FrameError, HelloOk, MultiOp, Reply, Request, ServerMessage,
-    SessionId, SessionSeq, WriteOp, PROTOCOL_VERSION,
+    CancelOp, ClientMessage, Error, Fence, FrameCodec, FrameError, HelloOk, MultiOp, ReleaseOp,
+    Reply, Request, ServerMessage, SessionId, SessionSeq, WriteOp, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+use super::watch::{Published, Watches};
 use super::Node;
 use crate::fsm::Command;
+use std::sync::Arc;
+use tokio::sync::broadcast;
 
 type Conn = Framed<TcpStream, FrameCodec<ClientMessage, ServerMessage>>;
 type Pending = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> + Send>>>;
@@ -70,6 +73,18 @@ struct Connection {
     implicit: Option<Implicit>,
     /// Sessions this connection kept alive: it is told when they end.
     watched_sessions: HashSet<SessionId>,
+    /// Watch streams opened on this connection.
+    watches: Watches,
+}
+
+/// The next published commit, or never if the connection has no watch.
+async fn next_published(
+    rx: Option<&mut broadcast::Receiver<Arc<Published>>>,
+) -> Result<Arc<Published>, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Serves one connection until the client leaves, a framing error, or `cancel`.
@@ -107,6 +122,7 @@ pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
         node,
         implicit: None,
         watched_sessions: HashSet::new(),
+        watches: Watches::default(),
     };
     let reason = this.serve_requests(cancel).await;
     this.finish(reason).await;
@@ -122,6 +138,9 @@ impl Connection {
     async fn serve_requests(&mut self, cancel: CancellationToken) -> Option<Error> {
         let mut pending: Pending = FuturesUnordered::new();
         let mut events = self.node.session_events();
+        let mut progress =
+            tokio::time::interval(Duration::from_millis(self.node.config().watch_progress_ms));
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -147,8 +166,33 @@ impl Connection {
                                 return None;
                             }
                         }
+                        if self.send_watch_frames().await.is_err() {
+                            return None;
+                        }
                     }
                 },
+                published = next_published(self.watches.receiver()) => {
+                    match published {
+                        Ok(published) => self.watches.on_published(&published),
+                        Err(broadcast::error::RecvError::Lagged(_)) => self.watches.on_lagged(),
+                        Err(broadcast::error::RecvError::Closed) => self.watches.end_all(Error::ShuttingDown),
+                    }
+                    if self.send_watch_frames().await.is_err() {
+                        return None;
+                    }
+                }
+                _ = progress.tick(), if !self.watches.is_empty() => {
+                    // Everything published up to this index is in the channel already (the
+                    // loop publishes before advancing it): if the channel is empty, every
+                    // watch has been sent all its events up to it.
+                    let revision = self.node.published_index();
+                    if self.watches.receiver().is_some_and(|rx| rx.is_empty()) {
+                        self.watches.progress(revision);
+                        if self.send_watch_frames().await.is_err() {
+                            return None;
+                        }
+                    }
+                }
                 event = events.recv() => match event {
                     Ok(ended) if self.watched_sessions.remove(&ended.session) => {
                         let push = ServerMessage::SessionEvent {
@@ -165,6 +209,8 @@ impl Connection {
                 },
                 _ = cancel.cancelled() => {
                     self.drain(&mut pending).await;
+                    self.watches.end_all(Error::ShuttingDown);
+                    let _ = self.send_watch_frames().await;
                     return Some(Error::ShuttingDown);
                 }
             }
@@ -200,6 +246,17 @@ impl Connection {
             };
             self.feed_reply(message).await?;
             next = pending.next().now_or_never().flatten();
+        }
+        self.conn.flush().await
+    }
+
+    /// Sends the queued watch frames.
+    async fn send_watch_frames(&mut self) -> Result<(), FrameError> {
+        if self.watches.outbox.is_empty() {
+            return Ok(());
+        }
+        for frame in std::mem::take(&mut self.watches.outbox) {
+            self.conn.feed(frame).await?;
         }
         self.conn.flush().await
     }
@@ -302,8 +359,48 @@ impl Connection {
                 None
             }
             Request::Write { session, op } => {
+                self.write(request_id, session, op, None, pending).await
+            }
+            Request::FencedWrite { session, op, fence } => {
+                self.write(request_id, session, op, Some(fence), pending)
+                    .await
+            }
+            Request::Watch(watch) => {
+                let (revision, result) = self.watches.create(&self.node, watch);
+                respond(revision, result)
+            }
+            Request::CancelWatch { watch_id } => {
+                let result = self.watches.cancel(watch_id);
+                respond(0, result)
+            }
+        }
+    }
+
+    /// Proposes a write (fenced or not) under its session or the implicit one.
+    async fn write(
+        &mut self,
+        request_id: u64,
+        session: Option<SessionSeq>,
+        op: WriteOp,
+        fence: Option<Fence>,
+        pending: &mut Pending,
+    ) -> Option<ServerMessage> {
+        let respond = |revision, result| {
+            Some(ServerMessage::Response {
+                request_id,
+                revision,
+                result,
+            })
+        };
+        {
+            {
                 if let Err(e) = check_write(&op, self.node.config()) {
                     return respond(0, Err(e));
+                }
+                if let Some(fence) = &fence {
+                    if let Err(e) = crate::fsm::locks::validate_name(&fence.lock) {
+                        return respond(0, Err(e));
+                    }
                 }
                 let (header, implicit_seq) = match session {
                     Some(header) => (header, None),
@@ -317,6 +414,7 @@ impl Connection {
                     Command::Write {
                         session: header,
                         op,
+                        fence,
                     },
                     implicit_seq,
                     pending,
@@ -420,6 +518,13 @@ fn check_write(op: &WriteOp, config: &crate::Config) -> Result<(), Error> {
         }
     };
     let ops: Vec<(&str, Option<&[u8]>)> = match op {
+        WriteOp::Acquire(a) => {
+            crate::fsm::locks::validate_name(&a.lock)?;
+            return check_data(&a.value);
+        }
+        WriteOp::Release(ReleaseOp { lock, .. }) | WriteOp::Cancel(CancelOp { lock, .. }) => {
+            return crate::fsm::locks::validate_name(lock);
+        }
         WriteOp::Create(c) => vec![(&c.path, Some(&c.data))],
         WriteOp::Set(s) => vec![(&s.path, Some(&s.data))],
         WriteOp::Delete(d) => vec![(&d.path, None)],

@@ -12,16 +12,19 @@
 //! With one voter, "replicate and commit" is "append to my own log and commit"; the Raft core
 //! replaces exactly that step.
 
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockd_protocol::{Error, KeepAliveResult, SessionEventKind, SessionId};
 use tokio::sync::{broadcast, oneshot};
 
 use super::deadlines::Deadlines;
+use super::watch::Published;
 use super::NodeStatus;
 use crate::config::Config;
-use crate::fsm::{Applied, Command};
+use crate::fsm::{Applied, Command, LockTimer};
 use crate::raft::{Entry, EntryKind};
 use crate::storage::{Batch, HardState, Storage, StorageError};
 
@@ -65,7 +68,14 @@ pub struct EventLoop {
     storage: Storage,
     status: std::sync::Arc<NodeStatus>,
     events: broadcast::Sender<SessionEnded>,
+    /// Where each commit's watch events are published (after the commit).
+    watch_events: broadcast::Sender<Arc<Published>>,
     deadlines: Deadlines,
+    /// Lock deadlines by entry time (ms) at which an entry must be proposed.
+    lock_timers: BTreeMap<u64, Vec<LockTimer>>,
+    /// Entry time at which this node became leader: lock-delays end only after a full delay
+    /// of leadership (DESIGN §3a.12).
+    leader_since_ms: u64,
     /// Current term; this node is its leader.
     term: u64,
     /// The hard state last made durable.
@@ -98,9 +108,13 @@ impl EventLoop {
         storage: Storage,
         status: std::sync::Arc<NodeStatus>,
         events: broadcast::Sender<SessionEnded>,
+        watch_events: broadcast::Sender<Arc<Published>>,
     ) -> Result<EventLoop, StorageError> {
         let recovered = storage.recover()?;
         let mut this = EventLoop {
+            watch_events,
+            lock_timers: BTreeMap::new(),
+            leader_since_ms: recovered.last_time_ms,
             term: recovered.hard_state.term,
             persisted: Some(recovered.hard_state),
             last_index: recovered.last_index,
@@ -119,6 +133,9 @@ impl EventLoop {
         this.term += 1;
         this.pending.push((EntryKind::Noop, None));
         this.commit_pending()?;
+        for timer in recovered.lock_timers {
+            this.add_lock_timer(timer);
+        }
         for (session, record) in &recovered.sessions {
             this.deadlines
                 .insert(*session, record.ttl_ms, this.config.tick_ms, false, 0);
@@ -168,6 +185,7 @@ impl EventLoop {
             };
             if Instant::now() >= next_tick {
                 self.expire_due();
+                self.fire_lock_timers();
                 next_tick += tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + tick;
@@ -217,6 +235,44 @@ impl EventLoop {
             LoopMsg::Shutdown => return true,
         }
         false
+    }
+
+    fn add_lock_timer(&mut self, timer: LockTimer) {
+        let at_ms = match &timer {
+            LockTimer::DelayEnds {
+                at_ms, delay_ms, ..
+            } => (*at_ms).max(self.leader_since_ms + delay_ms),
+            LockTimer::WaiterDeadline { at_ms, .. } => *at_ms,
+        };
+        self.lock_timers.entry(at_ms).or_default().push(timer);
+    }
+
+    /// Proposes the entries that end due lock-delays and waits. Their effect is checked
+    /// again against the entry time when applied, so an early or repeated one is harmless.
+    fn fire_lock_timers(&mut self) {
+        let now_ms = self.entry_time_ms();
+        while let Some(entry) = self.lock_timers.first_entry() {
+            if *entry.key() > now_ms {
+                break;
+            }
+            let mut waiters: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            for timer in entry.remove() {
+                match timer {
+                    LockTimer::DelayEnds { lock, .. } => self
+                        .pending
+                        .push((EntryKind::Command(Command::EndLockDelay { lock }), None)),
+                    LockTimer::WaiterDeadline {
+                        lock, acquire_id, ..
+                    } => waiters.entry(lock).or_default().push(acquire_id),
+                }
+            }
+            for (lock, acquire_ids) in waiters {
+                self.pending.push((
+                    EntryKind::Command(Command::ExpireWaiters { lock, acquire_ids }),
+                    None,
+                ));
+            }
+        }
     }
 
     /// Proposes expiry of every session past its deadline. The keepalives of this cycle that
@@ -276,9 +332,13 @@ impl EventLoop {
             }
         };
         self.persisted = Some(hard_state);
-        self.status.set_indexes(self.term, self.last_index);
         let now = self.now_tick();
-        for ((_, applied), reply) in outcomes.into_iter().zip(repliers) {
+        let mut published = Vec::new();
+        for ((_, mut applied), reply) in outcomes.into_iter().zip(repliers) {
+            published.append(&mut applied.events);
+            for timer in std::mem::take(&mut applied.lock_timers) {
+                self.add_lock_timer(timer);
+            }
             if let Some(grant) = applied.opened_session {
                 let implicit = matches!(
                     batch
@@ -311,6 +371,14 @@ impl EventLoop {
                 let _ = reply.send(Ok(applied));
             }
         }
+        // Publish before advancing the published index: a watch that reads the index after
+        // subscribing has every later event in its channel.
+        if !published.is_empty() {
+            let _ = self
+                .watch_events
+                .send(Arc::new(Published { events: published }));
+        }
+        self.status.set_indexes(self.term, self.last_index);
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 mod connection;
 mod deadlines;
 mod event_loop;
+mod watch;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,9 @@ use crate::fsm::{self, Applied, Command, FsmRead};
 use crate::storage::{FsmView, Identity, Storage, StorageError};
 pub use event_loop::SessionEnded;
 use event_loop::{EventLoop, LoopMsg};
+
+/// Commits of events a connection may fall behind before its watches end with `Lagged`.
+const WATCH_CHANNEL_COMMITS: usize = 4096;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,7 @@ struct Shared {
     status: Arc<NodeStatus>,
     tx: mpsc::Sender<LoopMsg>,
     events: broadcast::Sender<SessionEnded>,
+    watch_events: broadcast::Sender<Arc<watch::Published>>,
     /// Cancelled when the event loop has stopped.
     stopped: CancellationToken,
 }
@@ -105,11 +110,13 @@ impl Node {
         };
         let status = Arc::new(NodeStatus::default());
         let (events, _) = broadcast::channel(4096);
+        let (watch_events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
         let event_loop = EventLoop::start(
             config.clone(),
             storage.clone(),
             status.clone(),
             events.clone(),
+            watch_events.clone(),
         )?;
         let (tx, rx) = mpsc::channel();
         let stopped = CancellationToken::new();
@@ -128,6 +135,7 @@ impl Node {
             status,
             tx,
             events,
+            watch_events,
             stopped,
         };
         Ok((
@@ -213,6 +221,35 @@ impl Node {
     /// Notifications of sessions that ended.
     pub fn session_events(&self) -> broadcast::Receiver<SessionEnded> {
         self.shared.events.subscribe()
+    }
+
+    /// Subscribes to the events of every commit from now on.
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<Arc<watch::Published>> {
+        self.shared.watch_events.subscribe()
+    }
+
+    /// The last revision whose events have been published.
+    pub fn published_index(&self) -> u64 {
+        self.shared.status.commit.load(Ordering::Acquire)
+    }
+
+    /// Events from revision `from` on (whole revisions, about `max_events` at most), or
+    /// `Compacted` if `from` is older than the kept history.
+    pub fn history(
+        &self,
+        from: u64,
+        max_events: usize,
+    ) -> Result<Vec<lockd_protocol::Event>, Error> {
+        let read = || -> Result<Result<Vec<lockd_protocol::Event>, Error>, StorageError> {
+            let txn = self.shared.storage.read()?;
+            let view = FsmView::new(&txn);
+            let oldest = view.applied()?.history_from;
+            if from < oldest {
+                return Ok(Err(Error::Compacted { oldest }));
+            }
+            Ok(Ok(view.events(from, max_events)?))
+        };
+        read().unwrap_or_else(|e| Err(Error::Storage(e.to_string())))
     }
 
     /// Resolves when the event loop has stopped (shutdown or a storage failure).

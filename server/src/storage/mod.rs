@@ -81,6 +81,8 @@ pub struct Recovered {
     /// Entry time of the last entry in the log.
     pub last_time_ms: u64,
     pub sessions: Vec<(SessionId, SessionRecord)>,
+    /// Lock-delays and wait deadlines pending in the state machine.
+    pub lock_timers: Vec<crate::fsm::LockTimer>,
 }
 
 /// One group commit: entries to append (already numbered), the hard state if it changed, and
@@ -199,7 +201,20 @@ impl Storage {
             let (id, bytes) = item?;
             sessions.push((SessionId(id.value()), decode(bytes.value())?));
         }
+        let mut lock_timers = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = view.locks(after.as_deref(), 1000)?;
+            for (name, lock) in &page {
+                lock_timers.extend(fsm::locks::timers_of(name, lock));
+            }
+            after = page.last().map(|(name, _)| name.clone());
+            if !more {
+                break;
+            }
+        }
         Ok(Recovered {
+            lock_timers,
             identity,
             hard_state,
             applied,

@@ -3,12 +3,12 @@
 //! transaction, for serving reads).
 
 use lockd_protocol::codec::to_bytes;
-use lockd_protocol::SessionId;
+use lockd_protocol::{Event, Revision, SessionId};
 use redb::{ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use super::decode;
 use crate::fsm::{
-    AppliedState, DedupRecord, FsmRead, FsmStore, NodeRecord, SessionRecord, StoreError,
+    AppliedState, DedupRecord, FsmRead, FsmStore, LockRecord, NodeRecord, SessionRecord, StoreError,
 };
 
 pub(super) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -18,6 +18,9 @@ pub(super) const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("s
 const EPHEMERALS: TableDefinition<(u64, &str), ()> = TableDefinition::new("ephemerals");
 const DEDUP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup");
 const FSM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_meta");
+const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
+const SESSION_LOCKS: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("session_locks");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const KEY_APPLIED: &str = "applied";
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
@@ -118,6 +121,68 @@ fn get_applied(
     }
 }
 
+fn get_lock(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<LockRecord>, StoreError> {
+    match t.get(name).map_err(store_err)? {
+        Some(v) => Ok(Some(decode_rec(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn list_locks(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    start_after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<(String, LockRecord)>, bool), StoreError> {
+    let mut out = Vec::new();
+    for item in t.range(start_after.unwrap_or("")..).map_err(store_err)? {
+        let (key, value) = item.map_err(store_err)?;
+        if Some(key.value()) == start_after {
+            continue;
+        }
+        if out.len() == limit {
+            return Ok((out, true));
+        }
+        out.push((key.value().to_string(), decode_rec(value.value())?));
+    }
+    Ok((out, false))
+}
+
+fn list_session_locks(
+    t: &impl ReadableTable<(u64, &'static str, u64), ()>,
+    id: SessionId,
+) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for item in t.range((id.0, "", 0)..).map_err(store_err)? {
+        let (key, _) = item.map_err(store_err)?;
+        let (session, name, acquire_id) = key.value();
+        if session != id.0 {
+            break;
+        }
+        out.push((name.to_string(), acquire_id));
+    }
+    Ok(out)
+}
+
+fn list_events(
+    t: &impl ReadableTable<u64, &'static [u8]>,
+    from: Revision,
+    max_events: usize,
+) -> Result<Vec<Event>, StoreError> {
+    let mut out = Vec::new();
+    for item in t.range(from..).map_err(store_err)? {
+        if out.len() >= max_events {
+            break;
+        }
+        let (_, value) = item.map_err(store_err)?;
+        let events: Vec<Event> = decode_rec(value.value())?;
+        out.extend(events);
+    }
+    Ok(out)
+}
+
 /// The state machine's tables inside a write transaction.
 pub struct FsmTxn<'txn> {
     nodes: Table<'txn, (&'static str, &'static str), &'static [u8]>,
@@ -125,6 +190,9 @@ pub struct FsmTxn<'txn> {
     ephemerals: Table<'txn, (u64, &'static str), ()>,
     dedup: Table<'txn, (u64, u64), &'static [u8]>,
     meta: Table<'txn, &'static str, &'static [u8]>,
+    locks: Table<'txn, &'static str, &'static [u8]>,
+    session_locks: Table<'txn, (u64, &'static str, u64), ()>,
+    events: Table<'txn, u64, &'static [u8]>,
 }
 
 impl std::fmt::Debug for FsmTxn<'_> {
@@ -142,6 +210,9 @@ impl<'txn> FsmTxn<'txn> {
             ephemerals: txn.open_table(EPHEMERALS)?,
             dedup: txn.open_table(DEDUP)?,
             meta: txn.open_table(FSM_META)?,
+            locks: txn.open_table(LOCKS)?,
+            session_locks: txn.open_table(SESSION_LOCKS)?,
+            events: txn.open_table(EVENTS)?,
         })
     }
 }
@@ -169,6 +240,22 @@ impl FsmRead for FsmTxn<'_> {
     }
     fn applied(&self) -> Result<AppliedState, StoreError> {
         get_applied(&self.meta)
+    }
+    fn lock(&self, name: &str) -> Result<Option<LockRecord>, StoreError> {
+        get_lock(&self.locks, name)
+    }
+    fn locks(
+        &self,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, LockRecord)>, bool), StoreError> {
+        list_locks(&self.locks, start_after, limit)
+    }
+    fn session_locks(&self, id: SessionId) -> Result<Vec<(String, u64)>, StoreError> {
+        list_session_locks(&self.session_locks, id)
+    }
+    fn events(&self, from: Revision, max_events: usize) -> Result<Vec<Event>, StoreError> {
+        list_events(&self.events, from, max_events)
     }
 }
 
@@ -225,6 +312,49 @@ impl FsmStore for FsmTxn<'_> {
             .map_err(store_err)?;
         Ok(())
     }
+    fn put_lock(&mut self, name: &str, lock: &LockRecord) -> Result<(), StoreError> {
+        self.locks
+            .insert(name, encode(lock)?.as_slice())
+            .map_err(store_err)?;
+        Ok(())
+    }
+    fn remove_lock(&mut self, name: &str) -> Result<(), StoreError> {
+        self.locks.remove(name).map_err(store_err)?;
+        Ok(())
+    }
+    fn add_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError> {
+        self.session_locks
+            .insert((id.0, name, acquire_id), ())
+            .map_err(store_err)?;
+        Ok(())
+    }
+    fn remove_session_lock(
+        &mut self,
+        id: SessionId,
+        name: &str,
+        acquire_id: u64,
+    ) -> Result<(), StoreError> {
+        self.session_locks
+            .remove((id.0, name, acquire_id))
+            .map_err(store_err)?;
+        Ok(())
+    }
+    fn put_events(&mut self, revision: Revision, events: &[Event]) -> Result<(), StoreError> {
+        self.events
+            .insert(revision, encode(&events.to_vec())?.as_slice())
+            .map_err(store_err)?;
+        Ok(())
+    }
+    fn remove_events_below(&mut self, below: Revision) -> Result<(), StoreError> {
+        self.events
+            .retain_in(..below, |_, _| false)
+            .map_err(store_err)
+    }
 }
 
 /// Read-only view of the state machine in a read transaction. Tables open on demand.
@@ -275,5 +405,21 @@ impl FsmRead for FsmView<'_> {
     }
     fn applied(&self) -> Result<AppliedState, StoreError> {
         get_applied(&self.table(FSM_META)?)
+    }
+    fn lock(&self, name: &str) -> Result<Option<LockRecord>, StoreError> {
+        get_lock(&self.table(LOCKS)?, name)
+    }
+    fn locks(
+        &self,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<(String, LockRecord)>, bool), StoreError> {
+        list_locks(&self.table(LOCKS)?, start_after, limit)
+    }
+    fn session_locks(&self, id: SessionId) -> Result<Vec<(String, u64)>, StoreError> {
+        list_session_locks(&self.table(SESSION_LOCKS)?, id)
+    }
+    fn events(&self, from: Revision, max_events: usize) -> Result<Vec<Event>, StoreError> {
+        list_events(&self.table(EVENTS)?, from, max_events)
     }
 }

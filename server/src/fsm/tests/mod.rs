@@ -101,6 +101,7 @@ impl Harness {
                 floor,
             },
             op,
+            fence: None,
         })
     }
 

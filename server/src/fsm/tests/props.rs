@@ -254,12 +254,14 @@ impl Builder {
             Spec::Write { who, seq, op } => Some(Command::Write {
                 session: self.header(*who, *seq),
                 op: op.write_op(),
+                fence: None,
             }),
             Spec::Multi { who, seq, ops } => {
                 let op = WriteOp::Multi(ops.iter().map(OpSpec::multi_op).collect());
                 Some(Command::Write {
                     session: self.header(*who, *seq),
                     op,
+                    fence: None,
                 })
             }
         };
@@ -374,7 +376,8 @@ fn apply_checked(store: &mut MemStore, entry: &Entry) -> Applied {
         AppliedState {
             index: entry.index,
             term: entry.term,
-            time_ms: entry.time_ms
+            time_ms: entry.time_ms,
+            history_from: before.applied.history_from,
         }
     );
     assert!(applied.revision <= entry.index);
@@ -383,7 +386,12 @@ fn apply_checked(store: &mut MemStore, entry: &Entry) -> Applied {
             applied.result.is_err() || applied.revision < entry.index
         }
         EntryKind::Command(Command::Expire { .. }) => entry.proposer_term != entry.term,
-        EntryKind::Command(Command::OpenSession { .. }) | EntryKind::Noop => true,
+        EntryKind::Command(
+            Command::OpenSession { .. }
+            | Command::EndLockDelay { .. }
+            | Command::ExpireWaiters { .. },
+        )
+        | EntryKind::Noop => true,
         EntryKind::Command(Command::CloseSession { .. }) => applied.result.is_err(),
     };
     if unchanged_namespace {
