@@ -75,11 +75,6 @@ impl Client {
             other => panic!("acquire: {other:?}"),
         }
     }
-
-    async fn keepalive(&mut self) {
-        let session = self.session;
-        self.raw.keepalive(vec![session]).await;
-    }
 }
 
 fn set_op(path: &str, data: &[u8]) -> WriteOp {
