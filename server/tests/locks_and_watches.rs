@@ -560,7 +560,7 @@ async fn a_slow_watcher_is_cancelled_with_lagged_and_resumes_without_loss() {
         .await
         .unwrap();
     // The watcher does not read while 5,000 commits of 8 KiB events go by: its socket fills,
-    // its connection falls behind the 4,096-commit channel.
+    // its connection falls behind the 1,024-commit channel.
     let big = vec![1u8; 8 * 1024];
     for _ in 0..5_000 {
         writer.set("/s", &big).await.unwrap();

@@ -30,7 +30,7 @@ pub use event_loop::SessionEnded;
 use event_loop::{EventLoop, LoopMsg};
 
 /// Commits of events a connection may fall behind before its watches end with `Lagged`.
-const WATCH_CHANNEL_COMMITS: usize = 4096;
+const WATCH_CHANNEL_COMMITS: usize = 1024;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
