@@ -34,6 +34,16 @@ pub async fn run(args: Lockctl) -> Result<()> {
     if let Some(path) = command_path(&args.command) {
         crate::error::check_path(path)?;
     }
+    // Reject bad TTLs before connecting, like paths (not only once a server answered).
+    match &args.command {
+        Command::Create(c) if c.ephemeral => {
+            seconds(c.ttl, "--ttl")?;
+        }
+        Command::Session(c) => {
+            seconds(c.ttl, "--ttl")?;
+        }
+        _ => {}
+    }
     let config = ClientConfig::new(endpoints)
         .client_name(format!("lockctl/{}", env!("CARGO_PKG_VERSION")))
         .request_timeout(timeout)
