@@ -1,0 +1,6 @@
+//! Scenario tests of the core over an in-memory network, named after the dissertation
+//! sections (or DESIGN rules) they check.
+
+mod election;
+mod network;
+mod replication;
