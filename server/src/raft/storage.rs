@@ -132,6 +132,11 @@ impl MemStorage {
         self.entries.drain(..n as usize);
     }
 
+    /// The stored snapshot's data.
+    pub fn snapshot_data(&self) -> &[u8] {
+        &self.snapshot_data
+    }
+
     /// Every stored entry.
     pub fn all_entries(&self) -> &[Entry] {
         &self.entries

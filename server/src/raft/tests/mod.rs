@@ -3,4 +3,6 @@
 
 mod election;
 mod network;
+mod read_index;
 mod replication;
+mod snapshot;
