@@ -52,6 +52,7 @@ pub(crate) struct Inner {
     preferred: Mutex<Option<String>>,
     dial: tokio::sync::Mutex<DialState>,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) watches: Arc<crate::watch::WatchRouter>,
     default_session: tokio::sync::Mutex<Option<Arc<SessionShared>>>,
     keepalive_started: AtomicBool,
 }
@@ -136,6 +137,7 @@ impl Client {
                 preferred: Mutex::new(None),
                 dial: tokio::sync::Mutex::new(DialState::default()),
                 registry: Arc::new(Registry::default()),
+                watches: Arc::new(crate::watch::WatchRouter::default()),
                 default_session: tokio::sync::Mutex::new(None),
                 keepalive_started: AtomicBool::new(false),
             }),
@@ -308,7 +310,11 @@ impl Client {
                 attempts += 1;
                 dial.generation += 1;
                 let timeout = config.connect_timeout.min(deadline - now);
-                let push: Arc<dyn crate::conn::PushHandler> = self.inner.registry.clone();
+                let push: Arc<dyn crate::conn::PushHandler> = Arc::new(crate::watch::ConnPush {
+                    generation: dial.generation,
+                    registry: self.inner.registry.clone(),
+                    router: self.inner.watches.clone(),
+                });
                 match Connection::connect(
                     &addr,
                     &config.client_name,
@@ -385,6 +391,10 @@ impl Client {
             if let Policy::Session(s) = policy {
                 s.ensure_alive()?;
                 if let Request::Write {
+                    session: Some(SessionSeq { floor, .. }),
+                    ..
+                }
+                | Request::FencedWrite {
                     session: Some(SessionSeq { floor, .. }),
                     ..
                 } = &mut request

@@ -62,6 +62,9 @@ pub(crate) trait PushHandler: Send + Sync + 'static {
     fn watch_message(&self, message: ServerMessage) {
         tracing::debug!(?message, "watch frame with no watch registered");
     }
+    /// Sees every response just before it is handed to its caller, in frame order, so a
+    /// `WatchCreated` answer can route the watch's frames that follow it on the wire.
+    fn response(&self, _request_id: u64, _result: &Result<Reply, lockd_protocol::Error>) {}
 }
 
 /// Why connecting to one endpoint failed.
@@ -247,6 +250,11 @@ impl Connection {
         !self.shared.cancel.is_cancelled()
     }
 
+    /// Resolves when the connection has failed or been closed.
+    pub(crate) async fn closed(&self) {
+        self.shared.cancel.cancelled().await
+    }
+
     /// The reason of a `Goodbye` the server sent, if any.
     pub(crate) fn goodbye(&self) -> Option<lockd_protocol::Error> {
         self.shared.goodbye()
@@ -322,10 +330,13 @@ async fn read_loop(
                 request_id,
                 revision,
                 result,
-            })) => shared.finish(
-                request_id,
-                Outcome::Answer(Answer::Response { revision, result }),
-            ),
+            })) => {
+                push.response(request_id, &result);
+                shared.finish(
+                    request_id,
+                    Outcome::Answer(Answer::Response { revision, result }),
+                )
+            }
             Some(Ok(ServerMessage::KeepAliveReply {
                 request_id,
                 results,

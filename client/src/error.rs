@@ -65,6 +65,21 @@ pub enum Error {
     /// The server answered with something that does not fit the request.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A try-lock found the lock held (or others waiting for it).
+    #[error("lock {lock} is held by another grant")]
+    NotAcquired {
+        /// The lock.
+        lock: String,
+    },
+    /// An acquire stopped waiting without a grant: its timeout passed, it was cancelled, or
+    /// its session ended.
+    #[error("waiting for lock {lock} ended without a grant: {reason:?}")]
+    LockWaitEnded {
+        /// The lock.
+        lock: String,
+        /// Why the wait ended.
+        reason: lockd_protocol::WaitEndReason,
+    },
     /// The client configuration is unusable (e.g. no endpoints).
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -101,6 +116,26 @@ impl Error {
                 self.wire(),
                 Some(lockd_protocol::Error::SessionExpired { .. })
             )
+    }
+
+    /// True if a fenced write was rejected: the lock is no longer held under that token.
+    pub fn is_fencing_rejected(&self) -> bool {
+        matches!(
+            self.wire(),
+            Some(lockd_protocol::Error::FencingRejected { .. })
+        )
+    }
+
+    /// True if a lock was not acquired: a try-lock found it held, or the wait timed out.
+    pub fn is_not_acquired(&self) -> bool {
+        matches!(
+            self,
+            Error::NotAcquired { .. }
+                | Error::LockWaitEnded {
+                    reason: lockd_protocol::WaitEndReason::TimedOut,
+                    ..
+                }
+        )
     }
 
     /// True if a write's outcome is unknown (it may or may not have been applied).

@@ -30,7 +30,9 @@ mod config;
 mod conn;
 mod error;
 mod ops;
+pub mod recipes;
 mod session;
+mod watch;
 
 pub use client::{Client, ClusterStatusResponse};
 pub use config::{Backoff, ClientConfig};
@@ -40,7 +42,10 @@ pub use ops::{
     GetBuilder, GetResponse, MultiBuilder, MultiResponse, SetBuilder, SetResponse, StatBuilder,
     StatResponse,
 };
+pub use recipes::election::{Leader, LeaderElection, Leadership};
+pub use recipes::lock::{LockBuilder, LockGuard};
 pub use session::{safe_bound, Session, SessionStatus};
+pub use watch::{WatchBuilder, WatchItem, WatchStream};
 
 /// The wire protocol crate, re-exported for its types (`Stat`, `SessionId`, errors, ...).
 pub use lockd_protocol as protocol;

@@ -9,12 +9,13 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 
 use lockd_protocol::{
-    CheckOp, Consistency, CreateOp, DeleteOp, MultiOp, MultiResult, ReadOp, Reply, Request,
+    CheckOp, Consistency, CreateOp, DeleteOp, Fence, MultiOp, MultiResult, ReadOp, Reply, Request,
     Revision, SetOp, Stat, WriteOp, WriteResult,
 };
 
 use crate::client::{unexpected, Client, Policy};
 use crate::error::{check_path, Error, Result};
+use crate::recipes::lock::LockGuard;
 use crate::session::Session;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -109,20 +110,50 @@ async fn write(
     session: Option<&Session>,
     needs_session: bool,
     op: WriteOp,
+    fence: Option<Fence>,
 ) -> Result<(Revision, WriteResult)> {
     let (revision, reply) = match session {
-        Some(s) => s.write(op).await?,
-        None if needs_session => client.default_session().await?.write(op).await?,
+        Some(s) => s.write_fenced(op, fence).await?,
+        None if needs_session => {
+            let s = client.default_session().await?;
+            s.write_fenced(op, fence).await?
+        }
         None => {
-            client
-                .execute(Request::Write { session: None, op }, Policy::Once)
-                .await?
+            let request = match fence {
+                None => Request::Write { session: None, op },
+                Some(fence) => Request::FencedWrite {
+                    session: None,
+                    op,
+                    fence,
+                },
+            };
+            client.execute(request, Policy::Once).await?
         }
     };
     match reply {
         Reply::Write(w) => Ok((revision, w)),
         other => Err(unexpected("a write", &other)),
     }
+}
+
+/// The `fence` and `fenced` options shared by the write builders.
+macro_rules! fence_methods {
+    () => {
+        /// Apply only while `guard`'s grant holds its lock (else `FencingRejected`).
+        pub fn fence(self, guard: &LockGuard) -> Self {
+            self.fenced(guard.name(), guard.token())
+        }
+
+        /// Apply only while `lock` is held under the grant with `token`, whoever sends the
+        /// write (else `FencingRejected`).
+        pub fn fenced(mut self, lock: impl Into<String>, token: u64) -> Self {
+            self.fence = Some(Fence {
+                lock: lock.into(),
+                token,
+            });
+            self
+        }
+    };
 }
 
 fn wrong_write(what: &str, w: &WriteResult) -> Error {
@@ -135,6 +166,7 @@ fn wrong_write(what: &str, w: &WriteResult) -> Error {
 pub struct CreateBuilder<'a> {
     client: &'a Client,
     session: Option<&'a Session>,
+    fence: Option<Fence>,
     op: CreateOp,
 }
 
@@ -157,6 +189,8 @@ impl<'a> CreateBuilder<'a> {
         self.session = Some(session);
         self
     }
+
+    fence_methods!();
 }
 
 impl<'a> IntoFuture for CreateBuilder<'a> {
@@ -167,7 +201,15 @@ impl<'a> IntoFuture for CreateBuilder<'a> {
         Box::pin(async move {
             check_path(&self.op.path)?;
             let needs = self.op.ephemeral;
-            match write(self.client, self.session, needs, WriteOp::Create(self.op)).await? {
+            match write(
+                self.client,
+                self.session,
+                needs,
+                WriteOp::Create(self.op),
+                self.fence,
+            )
+            .await?
+            {
                 (revision, WriteResult::Created { path, stat }) => Ok(Created {
                     path,
                     stat,
@@ -221,6 +263,7 @@ impl<'a> IntoFuture for GetBuilder<'a> {
 pub struct SetBuilder<'a> {
     client: &'a Client,
     session: Option<&'a Session>,
+    fence: Option<Fence>,
     op: SetOp,
 }
 
@@ -236,6 +279,8 @@ impl<'a> SetBuilder<'a> {
         self.session = Some(session);
         self
     }
+
+    fence_methods!();
 }
 
 impl<'a> IntoFuture for SetBuilder<'a> {
@@ -245,7 +290,15 @@ impl<'a> IntoFuture for SetBuilder<'a> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             check_path(&self.op.path)?;
-            match write(self.client, self.session, false, WriteOp::Set(self.op)).await? {
+            match write(
+                self.client,
+                self.session,
+                false,
+                WriteOp::Set(self.op),
+                self.fence,
+            )
+            .await?
+            {
                 (revision, WriteResult::Set { stat }) => Ok(SetResponse { stat, revision }),
                 (_, w) => Err(wrong_write("set", &w)),
             }
@@ -259,6 +312,7 @@ impl<'a> IntoFuture for SetBuilder<'a> {
 pub struct DeleteBuilder<'a> {
     client: &'a Client,
     session: Option<&'a Session>,
+    fence: Option<Fence>,
     op: DeleteOp,
 }
 
@@ -274,6 +328,8 @@ impl<'a> DeleteBuilder<'a> {
         self.session = Some(session);
         self
     }
+
+    fence_methods!();
 }
 
 impl<'a> IntoFuture for DeleteBuilder<'a> {
@@ -283,7 +339,15 @@ impl<'a> IntoFuture for DeleteBuilder<'a> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             check_path(&self.op.path)?;
-            match write(self.client, self.session, false, WriteOp::Delete(self.op)).await? {
+            match write(
+                self.client,
+                self.session,
+                false,
+                WriteOp::Delete(self.op),
+                self.fence,
+            )
+            .await?
+            {
                 (revision, WriteResult::Deleted) => Ok(DeleteResponse { revision }),
                 (_, w) => Err(wrong_write("delete", &w)),
             }
@@ -387,6 +451,7 @@ impl<'a> IntoFuture for StatBuilder<'a> {
 pub struct MultiBuilder<'a> {
     client: &'a Client,
     session: Option<&'a Session>,
+    fence: Option<Fence>,
     ops: Vec<MultiOp>,
 }
 
@@ -459,6 +524,8 @@ impl<'a> MultiBuilder<'a> {
         self.session = Some(session);
         self
     }
+
+    fence_methods!();
 }
 
 impl<'a> IntoFuture for MultiBuilder<'a> {
@@ -481,7 +548,7 @@ impl<'a> IntoFuture for MultiBuilder<'a> {
                 check_path(path)?;
             }
             let op = WriteOp::Multi(self.ops);
-            match write(self.client, self.session, needs_session, op).await? {
+            match write(self.client, self.session, needs_session, op, self.fence).await? {
                 (revision, WriteResult::Multi(results)) => Ok(MultiResponse { results, revision }),
                 (_, w) => Err(wrong_write("multi", &w)),
             }
@@ -511,6 +578,7 @@ impl Client {
         CreateBuilder {
             client: self,
             session: None,
+            fence: None,
             op: create_op(path.into(), data.into()),
         }
     }
@@ -542,6 +610,7 @@ impl Client {
         SetBuilder {
             client: self,
             session: None,
+            fence: None,
             op: SetOp {
                 path: path.into(),
                 data: data.into(),
@@ -561,6 +630,7 @@ impl Client {
         DeleteBuilder {
             client: self,
             session: None,
+            fence: None,
             op: DeleteOp {
                 path: path.into(),
                 expected_version: None,
@@ -629,6 +699,7 @@ impl Client {
         MultiBuilder {
             client: self,
             session: None,
+            fence: None,
             ops: Vec::new(),
         }
     }

@@ -112,6 +112,8 @@ pub(crate) struct SessionShared {
     state: Mutex<State>,
     status: watch::Sender<SessionStatus>,
     seq_freed: Notify,
+    /// Test hook: the keepalive task skips this session (a paused process).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl SessionShared {
@@ -126,6 +128,7 @@ impl SessionShared {
             }),
             status: watch::Sender::new(SessionStatus::Connected),
             seq_freed: Notify::new(),
+            paused: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -322,6 +325,17 @@ impl Session {
         let _ = rx.wait_for(|s| *s == SessionStatus::Expired).await;
     }
 
+    /// Test hook simulating a paused process: while `paused`, the background task sends no
+    /// keepalives for this session and does not check its bound (a guard's `lost()` still
+    /// fires at the safe bound). Not for production use.
+    #[doc(hidden)]
+    pub fn pause_keepalives(&self, paused: bool) {
+        self.shared
+            .paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+        self.client.inner.registry.wake();
+    }
+
     /// Closes the session: the server deletes its ephemeral nodes. The status becomes
     /// `Expired`. Closing an already ended session succeeds.
     pub async fn close(&self) -> Result<()> {
@@ -351,19 +365,36 @@ impl Session {
         &self,
         op: lockd_protocol::WriteOp,
     ) -> Result<(Revision, lockd_protocol::Reply)> {
+        self.write_fenced(op, None).await
+    }
+
+    /// Like [`Session::write`], sent as a `FencedWrite` when `fence` is given.
+    pub(crate) async fn write_fenced(
+        &self,
+        op: lockd_protocol::WriteOp,
+        fence: Option<lockd_protocol::Fence>,
+    ) -> Result<(Revision, lockd_protocol::Reply)> {
         let shared = &*self.shared;
         let seq = shared.acquire_seq().await?;
         let _guard = SeqGuard {
             session: shared,
             seq,
         };
-        let request = Request::Write {
-            session: Some(lockd_protocol::SessionSeq {
-                session: shared.id(),
-                seq,
-                floor: shared.floor(),
-            }),
-            op,
+        let header = Some(lockd_protocol::SessionSeq {
+            session: shared.id(),
+            seq,
+            floor: shared.floor(),
+        });
+        let request = match fence {
+            None => Request::Write {
+                session: header,
+                op,
+            },
+            Some(fence) => Request::FencedWrite {
+                session: header,
+                op,
+                fence,
+            },
         };
         self.client.execute(request, Policy::Session(shared)).await
     }
@@ -399,7 +430,9 @@ impl Registry {
         let mut out = Vec::with_capacity(map.len());
         map.retain(|_, w| match w.upgrade() {
             Some(s) if !s.is_expired() => {
-                out.push(s);
+                if !s.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    out.push(s);
+                }
                 true
             }
             _ => false,
