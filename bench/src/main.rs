@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod watch;
+
 use argh::FromArgs;
 use hdrhistogram::Histogram;
 use lockd_client::{Client, ClientConfig};
@@ -17,7 +19,7 @@ struct Args {
     /// server address (default 127.0.0.1:7001)
     #[argh(option, default = "String::from(\"127.0.0.1:7001\")")]
     addr: String,
-    /// workload: put, put-raw, get or get-stale (default put)
+    /// workload: put, put-raw, get, get-stale, watch-fanout (clients = watchers), watch-idle (clients = connections) (default put)
     #[argh(option, default = "String::from(\"put\")")]
     workload: String,
     /// concurrent clients, comma-separated for several runs (default 1,16)
@@ -35,6 +37,15 @@ struct Args {
     /// value size in bytes (default 64)
     #[argh(option, default = "64")]
     value_size: usize,
+    /// watch-fanout: writes per second (default 100)
+    #[argh(option, default = "100")]
+    rate: u64,
+    /// watch-idle: number of watches (default 10000)
+    #[argh(option, default = "10000")]
+    watches: usize,
+    /// watch-idle: the server's pid, to read its memory
+    #[argh(option)]
+    server_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -230,6 +241,34 @@ async fn run(args: &Args, workload: Workload, clients: usize) -> Result<(), lock
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args: Args = argh::from_env();
+    let client_counts: Result<Vec<usize>, _> =
+        args.clients.split(',').map(|c| c.trim().parse()).collect();
+    match (args.workload.as_str(), &client_counts) {
+        ("watch-fanout", Ok(counts)) => {
+            for &watchers in counts {
+                if let Err(e) = watch::fanout(&args.addr, watchers, args.rate, args.seconds).await {
+                    eprintln!("lockd-bench: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            return std::process::ExitCode::SUCCESS;
+        }
+        ("watch-idle", Ok(counts)) => {
+            let Some(pid) = args.server_pid else {
+                eprintln!("lockd-bench: watch-idle needs --server-pid");
+                return std::process::ExitCode::from(2);
+            };
+            for &connections in counts {
+                if let Err(e) = watch::idle(&args.addr, args.watches, connections.max(1), pid).await
+                {
+                    eprintln!("lockd-bench: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            return std::process::ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let workload = match args.workload.as_str() {
         "put" => Workload::Put,
         "put-raw" => Workload::PutRaw,

@@ -371,7 +371,7 @@ impl Connection {
             }
             Request::CancelWatch { watch_id } => {
                 let result = self.watches.cancel(watch_id);
-                respond(0, result)
+                respond(self.node.published_index(), result)
             }
         }
     }
@@ -395,18 +395,18 @@ impl Connection {
         {
             {
                 if let Err(e) = check_write(&op, self.node.config()) {
-                    return respond(0, Err(e));
+                    return respond(self.node.published_index(), Err(e));
                 }
                 if let Some(fence) = &fence {
                     if let Err(e) = crate::fsm::locks::validate_name(&fence.lock) {
-                        return respond(0, Err(e));
+                        return respond(self.node.published_index(), Err(e));
                     }
                 }
                 let (header, implicit_seq) = match session {
                     Some(header) => (header, None),
                     None => match self.implicit_seq().await {
                         Ok(header) => (header, Some(header.seq)),
-                        Err(e) => return respond(0, Err(e)),
+                        Err(e) => return respond(self.node.published_index(), Err(e)),
                     },
                 };
                 self.propose(
