@@ -1,10 +1,11 @@
 //! `lockctl`: the command-line client for lockd. Parsing and execution live in
 //! `lockd_client::cli`; this file sets up logging and the runtime and maps outcomes to exit
-//! codes: 0 success, 1 a failed request (one line on stderr), 2 a usage error.
+//! codes: 0 success, 1 a failed request (one line on stderr), 2 a usage error; `lock` and
+//! `elect` with a command exit with the command's status, or 75 if the lock was lost.
 
 use std::process::ExitCode;
 
-use lockd_client::cli::{run, Lockctl};
+use lockd_client::cli::{run_code, Lockctl};
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
@@ -46,8 +47,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(run_code(args)) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("lockctl: {e}");
             ExitCode::FAILURE

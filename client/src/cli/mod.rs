@@ -3,11 +3,12 @@
 //! stays a thin `main` and the parsing is unit-testable.
 
 mod format;
+mod recipes;
 mod run;
 
 use argh::FromArgs;
 
-pub use run::run;
+pub use run::{run, run_code};
 
 /// Default endpoint when neither --endpoints nor LOCKD_ENDPOINTS is given.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7001";
@@ -50,7 +51,96 @@ pub enum Command {
     Session(SessionCmd),
     /// `cluster`
     Cluster(ClusterCmd),
+    /// `lock`
+    Lock(LockCmd),
+    /// `elect`
+    Elect(ElectCmd),
+    /// `watch`
+    Watch(WatchCmd),
+    /// `locks`
+    Locks(LocksCmd),
 }
+
+/// Run a command while holding a lock. CMD runs in its own process group with
+/// LOCKD_FENCING_TOKEN and LOCKD_LOCK in its environment; lockctl exits with CMD's status
+/// and releases the lock. When the session's safe bound nears (no keepalive answered),
+/// the group gets SIGTERM --grace seconds before the bound and SIGKILL at it; if the lock is
+/// lost the group is killed and lockctl exits non-zero. Only resources that check the
+/// fencing token are protected against a holder that was paused (a stopped lockctl cannot
+/// kill anything).
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "lock")]
+pub struct LockCmd {
+    /// lock name
+    #[argh(positional)]
+    pub name: String,
+    /// the command and its arguments (after --)
+    #[argh(positional, greedy)]
+    pub cmd: Vec<String>,
+    /// give up if the lock is not acquired within S seconds (default: wait)
+    #[argh(option)]
+    pub timeout: Option<f64>,
+    /// session TTL in seconds (default 10)
+    #[argh(option, default = "10.0")]
+    pub ttl: f64,
+    /// lock-delay in seconds after a holder's session expires (default 0, at most 60)
+    #[argh(option)]
+    pub lock_delay: Option<f64>,
+    /// seconds between SIGTERM and SIGKILL before the safe bound (default: a quarter of
+    /// the TTL, at most 2)
+    #[argh(option)]
+    pub grace: Option<f64>,
+}
+
+/// Leader election: with VALUE and CMD, campaign and run CMD while leader (like `lock`,
+/// with LOCKD_FENCING_TOKEN, LOCKD_LOCK and LOCKD_LEADER_VALUE); with --observe, print
+/// leader changes until interrupted.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "elect")]
+pub struct ElectCmd {
+    /// election name
+    #[argh(positional)]
+    pub name: String,
+    /// the leader's value, then the command and its arguments (after --)
+    #[argh(positional, greedy)]
+    pub args: Vec<String>,
+    /// print leader changes instead of campaigning
+    #[argh(switch)]
+    pub observe: bool,
+    /// session TTL in seconds (default 10)
+    #[argh(option, default = "10.0")]
+    pub ttl: f64,
+    /// seconds between SIGTERM and SIGKILL before the safe bound
+    #[argh(option)]
+    pub grace: Option<f64>,
+}
+
+/// Stream events of a node (default), its children, or everything below it, one line (or
+/// JSON object) per event, until interrupted.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "watch")]
+pub struct WatchCmd {
+    /// node path
+    #[argh(positional)]
+    pub path: String,
+    /// every node at or below PATH
+    #[argh(switch)]
+    pub recursive: bool,
+    /// children of PATH
+    #[argh(switch)]
+    pub children: bool,
+    /// first revision to show (default: the next one)
+    #[argh(option)]
+    pub from: Option<u64>,
+    /// include node data
+    #[argh(switch)]
+    pub data: bool,
+}
+
+/// List locks with their holders (token, session), waiters and lock-delay.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "locks")]
+pub struct LocksCmd {}
 
 /// Print a node's data (raw bytes; with --json also its stat and revision).
 #[derive(FromArgs, Debug, PartialEq)]
@@ -79,6 +169,9 @@ pub struct PutCmd {
     /// only set if the node's current version is V (compare-and-set)
     #[argh(option)]
     pub if_version: Option<u64>,
+    /// only apply while lock NAME is held under TOKEN (a fenced write), as NAME:TOKEN
+    #[argh(option)]
+    pub fence: Option<String>,
 }
 
 /// Create a node. With --ephemeral, opens a session with --ttl, creates the node under it and
@@ -241,7 +334,8 @@ mod tests {
             Command::Put(PutCmd {
                 path: "/a".into(),
                 data: "v".into(),
-                if_version: Some(3)
+                if_version: Some(3),
+                fence: None,
             })
         );
         let a = parse(&["delete", "/a"]).expect("parse");
@@ -266,6 +360,59 @@ mod tests {
         let help = parse(&["put", "--help"]).expect_err("help");
         assert!(help.status.is_ok());
         assert!(help.output.contains("no node"), "{}", help.output);
+    }
+
+    #[test]
+    fn parses_lock_elect_watch_locks() {
+        let a = parse(&[
+            "lock",
+            "db",
+            "--timeout",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            "echo $LOCKD_LOCK",
+        ])
+        .expect("parse");
+        let Command::Lock(l) = a.command else {
+            panic!("not lock");
+        };
+        assert_eq!((l.name.as_str(), l.timeout, l.ttl), ("db", Some(3.0), 10.0));
+        assert_eq!(l.cmd, vec!["sh", "-c", "echo $LOCKD_LOCK"]);
+        let a = parse(&["elect", "e", "v1", "--", "true"]).expect("parse");
+        let Command::Elect(e) = a.command else {
+            panic!("not elect");
+        };
+        assert_eq!(
+            e.args,
+            vec!["v1", "--", "true"],
+            "the command part strips `--`"
+        );
+        let a = parse(&["elect", "e", "--observe"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Elect(ElectCmd { observe: true, .. })
+        ));
+        let a = parse(&["watch", "/a", "--recursive", "--from", "7", "--data"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Watch(WatchCmd {
+                recursive: true,
+                from: Some(7),
+                data: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["locks"]).expect("parse").command,
+            Command::Locks(_)
+        ));
+        let a = parse(&["put", "/a", "v", "--fence", "db:42"]).expect("parse");
+        assert!(matches!(
+            a.command,
+            Command::Put(PutCmd { fence: Some(_), .. })
+        ));
     }
 
     #[test]

@@ -26,6 +26,21 @@ const PUT_ROUNDS: usize = 3;
 /// # Ok(()) }
 /// ```
 pub async fn run(args: Lockctl) -> Result<()> {
+    run_code(args).await.map(drop)
+}
+
+/// Like [`run`], answering the process exit code on success: 0, or for `lock` and `elect`
+/// with a command, the command's own status (non-zero if the lock was lost).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), lockd_client::Error> {
+/// use argh::FromArgs;
+/// let args = lockd_client::cli::Lockctl::from_args(&["lockctl"], &["lock", "db", "--", "true"])
+///     .expect("valid arguments");
+/// let code = lockd_client::cli::run_code(args).await?;
+/// # Ok(()) }
+/// ```
+pub async fn run_code(args: Lockctl) -> Result<u8> {
     let endpoints = super::endpoints(
         args.endpoints.as_deref(),
         std::env::var("LOCKD_ENDPOINTS").ok(),
@@ -40,6 +55,12 @@ pub async fn run(args: Lockctl) -> Result<()> {
             seconds(c.ttl, "--ttl")?;
         }
         Command::Session(c) => {
+            seconds(c.ttl, "--ttl")?;
+        }
+        Command::Lock(c) => {
+            seconds(c.ttl, "--ttl")?;
+        }
+        Command::Elect(c) => {
             seconds(c.ttl, "--ttl")?;
         }
         _ => {}
@@ -69,7 +90,26 @@ pub async fn run(args: Lockctl) -> Result<()> {
                 out.raw(&got.data);
             }
         }
-        Command::Put(c) => put(&client, &out, &c.path, c.data.into_bytes(), c.if_version).await?,
+        Command::Put(c) => {
+            let fence = c
+                .fence
+                .as_deref()
+                .map(super::recipes::parse_fence)
+                .transpose()?;
+            put(
+                &client,
+                &out,
+                &c.path,
+                c.data.into_bytes(),
+                c.if_version,
+                fence,
+            )
+            .await?
+        }
+        Command::Lock(c) => return super::recipes::lock(&client, c).await,
+        Command::Elect(c) => return super::recipes::elect(&client, &out, c).await,
+        Command::Watch(c) => super::recipes::watch(&client, &out, c).await?,
+        Command::Locks(_) => super::recipes::locks(&client, &out).await?,
         Command::Create(c) => {
             let data = c.data.unwrap_or_default().into_bytes();
             if c.ephemeral {
@@ -171,7 +211,7 @@ pub async fn run(args: Lockctl) -> Result<()> {
             }
         },
     }
-    Ok(())
+    Ok(0)
 }
 
 /// The node path a command names, checked before connecting.
@@ -183,11 +223,16 @@ fn command_path(c: &Command) -> Option<&str> {
         Command::Delete(c) => Some(&c.path),
         Command::Ls(c) => Some(&c.path),
         Command::Stat(c) => Some(&c.path),
-        Command::Session(_) | Command::Cluster(_) => None,
+        Command::Watch(c) => Some(&c.path),
+        Command::Session(_)
+        | Command::Cluster(_)
+        | Command::Lock(_)
+        | Command::Elect(_)
+        | Command::Locks(_) => None,
     }
 }
 
-fn seconds(s: f64, flag: &str) -> Result<Duration> {
+pub(super) fn seconds(s: f64, flag: &str) -> Result<Duration> {
     Duration::try_from_secs_f64(s)
         .ok()
         .filter(|d| !d.is_zero())
@@ -205,12 +250,16 @@ async fn put(
     path: &str,
     data: Vec<u8>,
     if_version: Option<u64>,
+    fence: Option<(String, u64)>,
 ) -> Result<()> {
     let mut last = None;
     for _ in 0..PUT_ROUNDS {
         let mut set = client.set(path, data.clone());
         if let Some(v) = if_version {
             set = set.if_version(v);
+        }
+        if let Some((lock, token)) = &fence {
+            set = set.fenced(lock.clone(), *token);
         }
         match set.await {
             Ok(r) => {
@@ -227,7 +276,11 @@ async fn put(
             Err(e) if e.is_no_node() && if_version.is_none() => {}
             Err(e) => return Err(e),
         }
-        match client.create(path, data.clone()).await {
+        let mut create = client.create(path, data.clone());
+        if let Some((lock, token)) = &fence {
+            create = create.fenced(lock.clone(), *token);
+        }
+        match create.await {
             Ok(c) => {
                 if out.json {
                     out.json(json!({"path": c.path, "action": "created", "stat": stat_json(&c.stat), "revision": c.revision}));
@@ -299,17 +352,17 @@ fn status_name(s: SessionStatus) -> &'static str {
 }
 
 /// Where results go.
-struct Out {
-    json: bool,
+pub(super) struct Out {
+    pub(super) json: bool,
 }
 
 impl Out {
-    fn line(&self, s: &str) {
+    pub(super) fn line(&self, s: &str) {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "{s}");
     }
 
-    fn json(&self, v: Value) {
+    pub(super) fn json(&self, v: Value) {
         self.line(&v.to_string());
     }
 
