@@ -11,6 +11,7 @@ pub mod config;
 pub mod fsm;
 pub mod node;
 pub mod raft;
+pub mod sim;
 pub mod storage;
 
 pub use config::Config;

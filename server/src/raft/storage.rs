@@ -50,13 +50,18 @@ pub trait Storage {
 }
 
 /// An in-memory [`Storage`], written by a test driver.
-/// Invariant: `entries` are consecutive from `snapshot.index + 1`.
+/// Invariants: `entries` are consecutive from `offset + 1`; `snapshot.index ≥ offset`
+/// (entries are compacted only below a snapshot); the term at `offset` is `offset_term`.
 #[derive(Debug, Clone, Default)]
 pub struct MemStorage {
     hard_state: HardState,
     conf: Configuration,
     snapshot: SnapshotMeta,
     snapshot_data: Vec<u8>,
+    /// Index of the last compacted entry (0 if none).
+    offset: u64,
+    /// Term of the entry at `offset`.
+    offset_term: u64,
     entries: Vec<Entry>,
 }
 
@@ -86,50 +91,53 @@ impl MemStorage {
     }
 
     /// Appends entries, replacing any stored entries at or after the first one's index.
-    /// Entries at or below the snapshot are ignored.
+    /// Entries at or below the compaction point are ignored.
     pub fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else { return };
-        let offset = self.snapshot.index + 1;
-        let skip = offset.saturating_sub(first.index) as usize;
+        let start = self.offset + 1;
+        let skip = start.saturating_sub(first.index) as usize;
         let entries = &entries[skip.min(entries.len())..];
         let Some(first) = entries.first() else { return };
-        let keep = (first.index - offset) as usize;
+        let keep = (first.index - start) as usize;
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
     }
 
-    /// Installs a snapshot: discards every entry (the core installs only snapshots beyond its
-    /// log), takes its membership.
+    /// Installs a snapshot received from a leader: discards every entry (the core installs
+    /// only snapshots beyond its log) and takes its membership.
     pub fn apply_snapshot(&mut self, meta: SnapshotMeta, data: Vec<u8>) {
         self.entries.clear();
         self.conf = meta.conf.clone();
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
+        self.offset = meta.index;
+        self.offset_term = meta.term;
         self.snapshot = meta;
         self.snapshot_data = data;
     }
 
-    /// Records a snapshot of the state machine at `index` (≤ last index) taken by the
-    /// driver; entries are kept until [`MemStorage::compact`].
+    /// Records a snapshot of the state machine at `index` (an applied index within the log)
+    /// taken by the driver. Entries stay until [`MemStorage::compact`].
     pub fn create_snapshot(&mut self, index: u64, conf: Configuration, data: Vec<u8>) {
-        let Ok(term) = self.term(index) else { return };
         if index <= self.snapshot.index {
             return;
         }
-        let offset = self.snapshot.index + 1;
-        self.entries.drain(..(index + 1 - offset) as usize);
+        let Ok(term) = self.term(index) else { return };
         self.snapshot = SnapshotMeta { index, term, conf };
         self.snapshot_data = data;
     }
 
-    /// Discards entries up to `index`, which must be covered by the snapshot. Log compaction
-    /// is the driver's call: it keeps a margin behind the applied index so that briefly
-    /// lagging followers catch up by entries, not by snapshot.
+    /// Discards entries up to `index` (clamped to the snapshot index). Log compaction is the
+    /// driver's call: it keeps a margin behind the snapshot so that briefly lagging
+    /// followers catch up by entries, not by snapshot.
     pub fn compact(&mut self, index: u64) {
-        let offset = self.snapshot.index + 1;
-        let n = (index + 1)
-            .saturating_sub(offset)
-            .min(self.entries.len() as u64);
-        self.entries.drain(..n as usize);
+        let index = index.min(self.snapshot.index);
+        if index <= self.offset {
+            return;
+        }
+        let Ok(term) = self.term(index) else { return };
+        self.entries.drain(..(index - self.offset) as usize);
+        self.offset = index;
+        self.offset_term = term;
     }
 
     /// The stored snapshot's data.
@@ -149,7 +157,7 @@ impl Storage for MemStorage {
     }
 
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
-        let offset = self.snapshot.index + 1;
+        let offset = self.offset + 1;
         if lo < offset {
             return Err(StorageError::Compacted);
         }
@@ -169,24 +177,24 @@ impl Storage for MemStorage {
     }
 
     fn term(&self, index: u64) -> Result<u64, StorageError> {
-        if index == self.snapshot.index {
-            return Ok(self.snapshot.term);
+        if index == self.offset {
+            return Ok(self.offset_term);
         }
-        if index < self.snapshot.index {
+        if index < self.offset {
             return Err(StorageError::Compacted);
         }
         self.entries
-            .get((index - self.snapshot.index - 1) as usize)
+            .get((index - self.offset - 1) as usize)
             .map(|e| e.term)
             .ok_or(StorageError::Unavailable)
     }
 
     fn first_index(&self) -> Result<u64, StorageError> {
-        Ok(self.snapshot.index + 1)
+        Ok(self.offset + 1)
     }
 
     fn last_index(&self) -> Result<u64, StorageError> {
-        Ok(self.snapshot.index + self.entries.len() as u64)
+        Ok(self.offset + self.entries.len() as u64)
     }
 
     fn snapshot_meta(&self) -> Result<SnapshotMeta, StorageError> {
