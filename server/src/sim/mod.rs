@@ -19,7 +19,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::fsm::{self, Command, MemStore};
 use crate::raft::{
-    Entry, EntryKind, MemStorage, Message, Raft, RaftConfig, ReadState, Ready, Role, Storage,
+    AppendResult, Entry, EntryKind, MemStorage, Message, MessageKind, Raft, RaftConfig, ReadState,
+    Ready, Role, Storage,
 };
 use check::Checker;
 
@@ -423,10 +424,16 @@ impl Sim {
                     fnv(self.stats.trace_digest, format!("{id}{rd:?}").as_bytes());
             }
             for m in rd.early_messages.clone() {
+                if !matches!(m.kind, MessageKind::Append { .. })
+                    || rd.soft_state.role != Role::Leader
+                {
+                    return Err(format!("node {id} may not send {m:?} before persisting"));
+                }
                 self.send(m);
             }
             self.persist(id, &rd);
             for m in rd.messages.clone() {
+                self.check_durable(id, &m)?;
                 self.send(m);
             }
             self.apply(id, &rd)?;
@@ -435,6 +442,29 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Persist before send (DESIGN §3a.1): what a message claims is durable on its sender.
+    fn check_durable(&mut self, id: u64, m: &Message) -> Result<(), String> {
+        let Some(store) = self.node(id).raft.as_ref().map(|r| r.store()) else {
+            return Ok(());
+        };
+        let hs = store.hard_state();
+        let ok = match &m.kind {
+            MessageKind::PreVote { .. } | MessageKind::PreVoteResp { reject: false } => true,
+            MessageKind::VoteResp { reject: false } => hs.term == m.term && hs.vote == m.to,
+            MessageKind::AppendResp {
+                result: AppendResult::Match(i),
+            } => hs.term >= m.term && store.last_index().is_ok_and(|l| l >= *i),
+            _ => hs.term >= m.term,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "persist before send: node {id} sends {m:?} with durable {hs:?}"
+            ))
+        }
     }
 
     fn persist(&mut self, id: u64, rd: &Ready) {
