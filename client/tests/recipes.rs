@@ -438,3 +438,61 @@ async fn watch_has_no_gap_and_no_duplicate_across_a_server_restart() {
     );
     restarted.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lockctl_lock_runs_the_command_with_its_token_and_exit_code() {
+    let (_d, dir) = tmp();
+    let server = Server::start(&dir).await;
+    let addr = server.addr.to_string();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_lockctl"))
+                .args(args)
+                .output()
+                .expect("run lockctl")
+        })
+    };
+    let args = |rest: &[&str]| {
+        let mut v = vec!["--endpoints".to_string(), addr.clone()];
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    let out = run(args(&[
+        "lock",
+        "job",
+        "--",
+        "sh",
+        "-c",
+        "echo $LOCKD_LOCK $LOCKD_FENCING_TOKEN; exit 3",
+    ]))
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(3), "the command's status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut words = stdout.split_whitespace();
+    assert_eq!(words.next(), Some("job"));
+    let token: u64 = words.next().expect("token").parse().expect("number");
+    // The lock was released: a write fenced with that token is rejected.
+    let c = client(&[server.addr]).await;
+    c.create("/job", b"".to_vec()).await.expect("create");
+    let fence = format!("job:{token}");
+    let out = run(args(&["put", "/job", "x", "--fence", &fence]))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fencing rejected"),
+        "{out:?}"
+    );
+    let held = c.lock("job").await.expect("lock");
+    let fence = format!("job:{}", held.token());
+    let out = run(args(&["put", "/job", "y", "--fence", &fence]))
+        .await
+        .expect("join");
+    assert!(out.status.success(), "{out:?}");
+    let out = run(args(&["--json", "locks"])).await.expect("join");
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("\"name\":\"job\"") && line.contains(&held.token().to_string()));
+    held.release().await.expect("release");
+    server.stop().await;
+}

@@ -105,7 +105,7 @@ pub(super) async fn elect(client: &Client, out: &Out, c: ElectCmd) -> Result<u8>
     let env = [("LOCKD_LEADER_VALUE", value.as_str())];
     let code = run_held(&session, leadership.guard(), cmd, &env, grace).await;
     // `resign` releases the same grant as the guard.
-    let lost = leadership.is_lost();
+    let lost = leadership.is_lost() || matches!(code, Ok(RunOutcome::Lost));
     let resigned = if lost {
         Ok(())
     } else {
@@ -115,11 +115,13 @@ pub(super) async fn elect(client: &Client, out: &Out, c: ElectCmd) -> Result<u8>
 }
 
 async fn finish(session: Session, guard: LockGuard, code: Result<RunOutcome>) -> Result<u8> {
-    let lost = guard.is_lost();
+    // After a loss the server may be unreachable: leave the session to expire.
+    let lost = guard.is_lost() || matches!(code, Ok(RunOutcome::Lost));
     let released = if lost { Ok(()) } else { guard.release().await };
-    let out = outcome(code, lost, released);
-    let _ = session.close().await;
-    out
+    if !lost {
+        let _ = session.close().await;
+    }
+    outcome(code, lost, released)
 }
 
 fn outcome(code: Result<RunOutcome>, lost_after: bool, released: Result<()>) -> Result<u8> {
@@ -199,6 +201,8 @@ async fn run_held(
     // SIGTERM sent; SIGKILL due at this instant.
     let mut kill_at: Option<Instant> = None;
     let mut was_lost = false;
+    // Stopped by lockctl before the safe bound: counts as lost.
+    let mut stopped = false;
     loop {
         let bound = session.safe_until();
         let next_check = match (kill_at, bound) {
@@ -211,7 +215,11 @@ async fn run_held(
                 let status = status
                     .map_err(|e| invalid(format!("waiting for the command failed: {e}")))?
                     .map_err(|e| invalid(format!("waiting for the command failed: {e}")))?;
-                return Ok(if was_lost { RunOutcome::Lost } else { RunOutcome::Exited(exit_code(status)) });
+                return Ok(if was_lost || stopped {
+                    RunOutcome::Lost
+                } else {
+                    RunOutcome::Exited(exit_code(status))
+                });
             }
             _ = &mut lost, if !was_lost => {
                 // Lost outright (revoked, expired or past the bound): stop everything now.
@@ -237,6 +245,7 @@ async fn run_held(
                             eprintln!("lockctl: no keepalive answered; stopping the command before the safe bound");
                             signal_group(pgid, "TERM");
                             kill_at = Some(bound.unwrap_or(now));
+                            stopped = true;
                         }
                     }
                 }
