@@ -572,7 +572,9 @@ impl<S: Storage> Raft<S> {
                 self.heard_from_leader(m.from);
                 self.handle_snapshot_chunk(m.from, meta, offset, data, last);
             }
-            MessageKind::TimeoutNow if self.promotable() => self.campaign(false, true),
+            MessageKind::TimeoutNow if self.promotable() && self.leader == Some(m.from) => {
+                self.campaign(false, true)
+            }
             MessageKind::ReadIndexResp { ctx, index } if Some(m.from) == self.leader => {
                 self.read_states.push(ReadState { ctx, index });
             }
@@ -646,12 +648,19 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// Time of the last entry (0 if compacted or empty).
-    fn last_entry_time(&self) -> u64 {
+    /// Entry time of the last entry in the log (from the snapshot if compacted away). A
+    /// driver computes a proposal's entry time as this plus its own monotonic time elapsed
+    /// since it last stamped an entry (DESIGN §3a.12).
+    pub fn last_entry_time(&self) -> u64 {
         let last = self.log.last_index();
-        match self.log.entries(last, last + 1, u64::MAX) {
-            Ok(es) => es.first().map_or(0, |e| e.time_ms),
-            Err(_) => 0,
+        if let Ok(es) = self.log.entries(last, last + 1, u64::MAX) {
+            if let Some(e) = es.first() {
+                return e.time_ms;
+            }
+        }
+        match self.log.pending_snapshot() {
+            Some(s) => s.meta.time_ms,
+            None => self.log.store.snapshot_meta().map_or(0, |m| m.time_ms),
         }
     }
 }

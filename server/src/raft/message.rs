@@ -61,6 +61,8 @@ pub struct SnapshotMeta {
     pub term: u64,
     /// Membership as of `index`.
     pub conf: Configuration,
+    /// Entry time of the entry at `index`, so entry time stays monotonic after compaction.
+    pub time_ms: u64,
 }
 
 /// A complete snapshot handed to the driver to install.

@@ -89,6 +89,9 @@ impl<S: Storage> Raft<S> {
                 let Some(pr) = self.tracker.progress.get_mut(&from) else {
                     return;
                 };
+                if pr.state == ProgressState::Snapshot {
+                    return;
+                }
                 if pr.maybe_decr_to(rejected, probe) {
                     debug!(
                         id = self.id,
@@ -287,6 +290,7 @@ impl<S: Storage> Raft<S> {
             }
             Err(e) => {
                 debug!(id = self.id, to, error = %e, "snapshot gone; restarting transfer");
+                pr.snapshot = None;
                 pr.become_probe();
                 self.bcast_pending = true;
             }

@@ -75,6 +75,7 @@ impl MemStorage {
                 index: 0,
                 term: 0,
                 conf,
+                time_ms: 0,
             },
             ..MemStorage::default()
         }
@@ -121,8 +122,16 @@ impl MemStorage {
         if index <= self.snapshot.index {
             return;
         }
-        let Ok(term) = self.term(index) else { return };
-        self.snapshot = SnapshotMeta { index, term, conf };
+        let Ok(es) = self.entries(index, index + 1, u64::MAX) else {
+            return;
+        };
+        let Some(e) = es.first() else { return };
+        self.snapshot = SnapshotMeta {
+            index,
+            term: e.term,
+            conf,
+            time_ms: e.time_ms,
+        };
         self.snapshot_data = data;
     }
 

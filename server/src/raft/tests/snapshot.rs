@@ -102,6 +102,7 @@ fn s3a_10_snapshot_at_or_below_commit_not_installed() {
                 index: 3,
                 term: 1,
                 conf: Default::default(),
+                time_ms: 0,
             },
             offset: 0,
             data: vec![1, 2, 3],
@@ -134,6 +135,7 @@ fn s3a_10_snapshot_already_in_log_advances_commit_only() {
                     index: 4,
                     term: 1,
                     conf: Default::default(),
+                    time_ms: 0,
                 },
                 offset,
                 data: vec![1, 2],
@@ -161,6 +163,7 @@ fn s5_3_chunk_at_wrong_offset_is_refused() {
                 index: 9,
                 term: 1,
                 conf: Default::default(),
+                time_ms: 0,
             },
             offset: 5,
             data: vec![1],
@@ -175,4 +178,26 @@ fn s5_3_chunk_at_wrong_offset_is_refused() {
             next_offset: 0,
             reject: true
         }));
+}
+
+#[test]
+fn s3a_12_entry_time_survives_compaction() {
+    let mut net = Network::new(1, |c| c);
+    net.elect(1);
+    net.node(1)
+        .propose(crate::raft::EntryKind::Noop, 1, 700)
+        .unwrap();
+    net.stabilize();
+    let conf = net.node(1).tracker().conf.clone();
+    let store = net.node(1).store_mut();
+    store.create_snapshot(2, conf, vec![]);
+    store.compact(2);
+    assert_eq!(net.node(1).last_entry_time(), 700);
+    net.restart(1);
+    net.elect(1);
+    net.stabilize();
+    assert_eq!(
+        net.applied[&1].last().map(|e| (e.index, e.time_ms)),
+        Some((3, 700))
+    );
 }
