@@ -611,3 +611,45 @@ async fn a_slow_watcher_is_cancelled_with_lagged_and_resumes_without_loss() {
     );
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_just_answered_can_be_watched_from_and_now_is_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path().to_path_buf()).await;
+    let mut writer = Raw::connect(server.addr).await;
+    let mut watcher = Raw::connect(server.addr).await;
+    writer.create("/r", b"").await.unwrap();
+    for i in 0..200u32 {
+        let (rev, result) = writer
+            .request(Request::Write {
+                session: None,
+                op: set_op("/r", &i.to_be_bytes()),
+            })
+            .await;
+        result.unwrap();
+        // From the revision just answered: never FutureRevision.
+        let (id, start) = watch(&mut watcher, WatchTarget::Node("/r".into()), Some(rev))
+            .await
+            .unwrap();
+        assert_eq!(start, rev);
+        watcher
+            .request(Request::CancelWatch { watch_id: id })
+            .await
+            .1
+            .unwrap();
+        // "Now" starts after every answered write.
+        let (id, start) = watch(&mut watcher, WatchTarget::Node("/r".into()), None)
+            .await
+            .unwrap();
+        assert!(
+            start > rev,
+            "start {start} must be after the answered revision {rev}"
+        );
+        watcher
+            .request(Request::CancelWatch { watch_id: id })
+            .await
+            .1
+            .unwrap();
+    }
+    server.stop().await.unwrap();
+}

@@ -334,6 +334,7 @@ impl EventLoop {
         self.persisted = Some(hard_state);
         let now = self.now_tick();
         let mut published = Vec::new();
+        let mut answers = Vec::with_capacity(repliers.len());
         for ((_, mut applied), reply) in outcomes.into_iter().zip(repliers) {
             published.append(&mut applied.events);
             for timer in std::mem::take(&mut applied.lock_timers) {
@@ -368,17 +369,21 @@ impl EventLoop {
                 });
             }
             if let Some(reply) = reply {
-                let _ = reply.send(Ok(applied));
+                answers.push((reply, applied));
             }
         }
-        // Publish before advancing the published index: a watch that reads the index after
-        // subscribing has every later event in its channel.
+        // Publish before advancing the published index (a watch that reads the index after
+        // subscribing has every later event in its channel), and advance it before answering
+        // (a client that saw revision R can watch from R at once, and "now" is after R).
         if !published.is_empty() {
             let _ = self
                 .watch_events
                 .send(Arc::new(Published { events: published }));
         }
         self.status.set_indexes(self.term, self.last_index);
+        for (reply, applied) in answers {
+            let _ = reply.send(Ok(applied));
+        }
         Ok(())
     }
 
