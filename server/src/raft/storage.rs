@@ -81,6 +81,14 @@ impl MemStorage {
         }
     }
 
+    /// Empty storage of a cluster bootstrapped with this membership.
+    pub fn new_with_conf(conf: Configuration) -> MemStorage {
+        let mut s = MemStorage::new_with_voters([]);
+        s.snapshot.conf = conf.clone();
+        s.conf = conf;
+        s
+    }
+
     /// Records the hard state.
     pub fn set_hard_state(&mut self, hs: HardState) {
         self.hard_state = hs;

@@ -57,6 +57,14 @@ pub struct SimConfig {
     pub compact_margin: u64,
     /// Record a digest of every Ready (for determinism checks).
     pub trace: bool,
+    /// Pre-vote on every node.
+    pub pre_vote: bool,
+    /// Check-quorum on every node.
+    pub check_quorum: bool,
+    /// Inflight window per follower.
+    pub max_inflight_msgs: usize,
+    /// Append batch / snapshot chunk byte cap.
+    pub max_size_per_msg: u64,
 }
 
 impl SimConfig {
@@ -78,6 +86,10 @@ impl SimConfig {
             compact_every: 40,
             compact_margin: 5,
             trace: false,
+            pre_vote: true,
+            check_quorum: true,
+            max_inflight_msgs: 4,
+            max_size_per_msg: 256,
         }
     }
 }
@@ -183,6 +195,10 @@ impl Sim {
         for &id in &voters {
             let rc = RaftConfig {
                 seed: rng.random(),
+                pre_vote: cfg.pre_vote,
+                check_quorum: cfg.check_quorum,
+                max_inflight_msgs: cfg.max_inflight_msgs,
+                max_size_per_msg: cfg.max_size_per_msg,
                 ..RaftConfig::new(id)
             };
             let store = MemStorage::new_with_voters(voters.clone());

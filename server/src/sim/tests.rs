@@ -83,3 +83,28 @@ fn sim_runs_exercise_faults_snapshots_and_reads() {
         "{total:?}"
     );
 }
+
+/// A longer run: `LOCKD_SIM_COUNT=<n> cargo test -p lockd-server --lib sim_long -- --ignored`.
+#[test]
+#[ignore]
+fn sim_long() {
+    let count: u64 = std::env::var("LOCKD_SIM_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    for seed in 10_000..10_000 + count {
+        let nodes = if seed % 3 == 0 { 5 } else { 3 };
+        let cfg = SimConfig {
+            nodes,
+            steps: 3000,
+            pre_vote: seed % 4 != 1,
+            check_quorum: seed % 4 != 2,
+            drop: if seed % 5 == 0 { 0.2 } else { 0.05 },
+            crash: if seed % 7 == 0 { 0.02 } else { 0.004 },
+            max_inflight_msgs: 1 + (seed % 8) as usize,
+            max_size_per_msg: 64 << (seed % 6),
+            ..SimConfig::new(seed)
+        };
+        Sim::new(cfg).run().unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -346,3 +346,34 @@ fn s3_8_restart_keeps_term_vote_and_log() {
     net.tick_all(2);
     assert_eq!(net.node(2).leader(), Some(1));
 }
+
+#[test]
+fn s4_2_1_learner_replicates_but_never_votes_or_counts() {
+    let mut conf = crate::raft::Configuration::with_voters([1, 2, 3]);
+    conf.learners.insert(4);
+    let stores = (0..4)
+        .map(|_| crate::raft::MemStorage::new_with_conf(conf.clone()))
+        .collect();
+    let mut net = Network::with_stores(stores, |c| c);
+    net.elect(1);
+    let i = net.propose(1);
+    net.stabilize();
+    assert_eq!(
+        net.node(4).commit(),
+        i,
+        "the learner receives and applies the log"
+    );
+    assert_eq!(net.applied[&4].len() as u64, i);
+    net.isolate(2);
+    net.isolate(3);
+    let j = net.propose(1);
+    net.stabilize();
+    assert_eq!(net.node(4).last_index(), j, "the learner holds the entry");
+    assert_eq!(net.node(1).commit(), i, "leader + learner is no quorum");
+    // A learner never campaigns, however long it hears nothing.
+    net.isolate(4);
+    let term = net.node(4).term();
+    net.tick_node(4, 100);
+    assert_eq!(net.node(4).term(), term);
+    assert_eq!(net.node(4).role(), Role::Follower);
+}
