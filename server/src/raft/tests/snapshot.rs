@@ -201,3 +201,39 @@ fn s3a_12_entry_time_survives_compaction() {
         Some((3, 700))
     );
 }
+
+#[test]
+fn s5_3_crash_in_the_middle_of_installing_a_snapshot() {
+    let (mut net, data) = lagging_follower(16);
+    net.heal();
+    // Let three chunks reach node 3, then crash it: its staged chunks are lost.
+    let mut chunks_seen = 0;
+    for _ in 0..500 {
+        net.process_all();
+        let Some(m) = net.queue.front() else {
+            net.node(1).tick();
+            continue;
+        };
+        if m.to == 3 && matches!(m.kind, MessageKind::InstallSnapshot { .. }) {
+            chunks_seen += 1;
+            if chunks_seen > 3 {
+                break;
+            }
+        }
+        net.deliver_one();
+    }
+    net.queue.clear();
+    assert!(chunks_seen > 3, "transfer under way");
+    assert!(
+        net.node(3).store().snapshot_meta().unwrap().index == 0,
+        "nothing installed yet"
+    );
+    net.restart(3);
+    net.tick_all(10);
+    assert_eq!(
+        net.node(3).store().snapshot_data(),
+        &data[..],
+        "transfer restarted and completed"
+    );
+    assert_eq!(net.node(3).commit(), 21);
+}
