@@ -52,6 +52,9 @@ struct Flags {
     /// µs the event loop polls for requests before parking (default 200; 0 saves CPU)
     #[argh(option)]
     spin_us: Option<u64>,
+    /// most concurrent client connections (default 10000)
+    #[argh(option)]
+    max_connections: Option<usize>,
     /// log format: text or json (default text); the level comes from RUST_LOG (default info)
     #[argh(option)]
     log_format: Option<String>,
@@ -82,7 +85,8 @@ fn load_config(flags: Flags) -> Result<Config, String> {
         max_data,
         max_proposal,
         log_format,
-        spin_us
+        spin_us,
+        max_connections
     );
     if let Some(peers) = flags.peers {
         let others: Vec<&str> = peers.split(',').filter(|p| !p.trim().is_empty()).collect();

@@ -279,3 +279,36 @@ async fn request_errors_are_typed_and_the_connection_goes_on() {
     raw.create("/fine", b"yes").await.unwrap();
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn connections_over_the_limit_are_told_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = lockd_server::Config {
+        max_connections: 2,
+        ..lockd_server::Config::for_tests(dir.path().to_path_buf())
+    };
+    let server = TestServer::start_with(config).await;
+    let _a = Raw::connect(server.addr).await;
+    let _b = Raw::connect(server.addr).await;
+    let mut c = Raw::connect_no_hello(server.addr).await;
+    match c.recv().await {
+        Some(ServerMessage::Goodbye {
+            reason: Error::Unavailable(_),
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(c.recv().await.is_none());
+    drop(_a);
+    let served = support::eventually(Duration::from_secs(5), || async {
+        let mut raw = Raw::connect_no_hello(server.addr).await;
+        raw.send(ClientMessage::Hello(Hello {
+            protocol_version: lockd_protocol::PROTOCOL_VERSION,
+            client_name: "t".into(),
+        }))
+        .await;
+        matches!(raw.recv().await, Some(ServerMessage::HelloOk(_)))
+    })
+    .await;
+    assert!(served, "a freed slot is used again");
+    server.stop().await.unwrap();
+}

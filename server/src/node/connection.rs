@@ -128,6 +128,13 @@ pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
     this.finish(reason).await;
 }
 
+/// Answers a connection over the limit with `Goodbye { Unavailable }` and closes it.
+pub async fn refuse(stream: TcpStream, max_frame: usize) {
+    let mut conn = Framed::new(stream, FrameCodec::new(max_frame));
+    let reason = Error::Unavailable("too many connections".into());
+    let _ = tokio::time::timeout(Duration::from_secs(1), goodbye(&mut conn, reason)).await;
+}
+
 async fn goodbye(conn: &mut Conn, reason: Error) {
     tracing::debug!(%reason, "closing connection");
     let _ = conn.send(ServerMessage::Goodbye { reason }).await;

@@ -323,10 +323,6 @@ pub async fn run_with_storage(
     tokio::pin!(shutdown);
     let mut backoff_ms = 1;
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            permit = limit.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
-        };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => accepted,
@@ -334,6 +330,13 @@ pub async fn run_with_storage(
         match accepted {
             Ok((stream, peer)) => {
                 backoff_ms = 1;
+                // At the connection limit, say so and close rather than leave the client
+                // hanging in the accept backlog.
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    tracker.spawn(connection::refuse(stream, node.config().max_frame));
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let node = node.clone();
                 let cancel = cancel.clone();
