@@ -421,7 +421,8 @@ impl<S: Storage> Raft<S> {
                 MessageKind::Vote { transfer, .. } => (true, *transfer),
                 _ => (false, false),
             };
-            if is_vote && !transfer && self.in_lease() {
+            let pre = matches!(m.kind, MessageKind::PreVote { .. });
+            if is_vote && !transfer && self.in_lease(pre) {
                 debug!(
                     id = self.id,
                     from = m.from,
@@ -483,9 +484,11 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// Whether a leader was heard from within the election timeout (stickiness, §4.2.3).
-    fn in_lease(&self) -> bool {
-        self.cfg.check_quorum
+    /// Whether a (pre-)vote must be ignored because a leader was heard from within the
+    /// election timeout: always for pre-votes (§9.6), for votes with check-quorum (leader
+    /// stickiness, §4.2.3).
+    fn in_lease(&self, pre: bool) -> bool {
+        (pre || self.cfg.check_quorum)
             && self.leader.is_some()
             && self.election_elapsed < self.cfg.election_tick
     }

@@ -229,3 +229,87 @@ pub fn entry_size(entry: &Entry) -> u64 {
         Err(_) => u64::MAX,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::EntryKind;
+    use lockd_protocol::codec::{from_bytes, to_bytes};
+
+    #[test]
+    fn messages_round_trip_through_the_wire_codec() {
+        let entry = Entry {
+            index: 3,
+            term: 2,
+            proposer_term: 2,
+            time_ms: 9,
+            kind: EntryKind::Noop,
+        };
+        let kinds = vec![
+            MessageKind::PreVote {
+                last_index: 1,
+                last_term: 1,
+            },
+            MessageKind::Vote {
+                last_index: 1,
+                last_term: 1,
+                transfer: true,
+            },
+            MessageKind::Append {
+                prev_index: 2,
+                prev_term: 2,
+                entries: vec![entry.clone()],
+                commit: 2,
+            },
+            MessageKind::AppendResp {
+                result: AppendResult::Reject {
+                    rejected: 5,
+                    hint_index: 3,
+                    hint_term: 2,
+                },
+            },
+            MessageKind::Heartbeat {
+                commit: 1,
+                read_ctx: 4,
+            },
+            MessageKind::InstallSnapshot {
+                meta: SnapshotMeta {
+                    index: 7,
+                    term: 2,
+                    conf: Configuration::with_voters([1, 2, 3]),
+                    time_ms: 5,
+                },
+                offset: 0,
+                data: vec![1, 2, 3],
+                last: false,
+            },
+            MessageKind::SnapshotResp {
+                index: 7,
+                next_offset: 3,
+                reject: false,
+            },
+            MessageKind::TimeoutNow,
+            MessageKind::ReadIndexResp { ctx: 1, index: 2 },
+        ];
+        for kind in kinds {
+            let m = Message {
+                from: 1,
+                to: 2,
+                term: 3,
+                kind,
+            };
+            let bytes = to_bytes(&m).unwrap();
+            assert_eq!(from_bytes::<Message>(&bytes).unwrap(), m);
+            assert!(
+                from_bytes::<Message>(&bytes[..bytes.len() - 1]).is_err(),
+                "truncated"
+            );
+        }
+        assert_eq!(
+            entry_size(&entry),
+            bincode::encode_to_vec(&entry, bincode::config::standard())
+                .unwrap()
+                .len() as u64
+        );
+    }
+}

@@ -262,3 +262,25 @@ fn determinism_same_seed_same_ready_sequence() {
     assert!(!a.is_empty());
     assert_eq!(a, b);
 }
+
+#[test]
+fn s9_6_prevote_alone_protects_a_healthy_leader() {
+    let mut net = Network::new(3, |c| crate::raft::RaftConfig {
+        check_quorum: false,
+        ..c
+    });
+    net.elect(1);
+    let term = net.node(1).term();
+    net.isolate(3);
+    net.tick_node(3, 50);
+    net.heal();
+    net.node(3).campaign(true, false);
+    net.stabilize();
+    net.tick_all(3);
+    assert_eq!(net.node(1).role(), Role::Leader);
+    assert_eq!(
+        net.node(1).term(),
+        term,
+        "followers in contact with the leader refuse pre-votes"
+    );
+}
