@@ -280,3 +280,114 @@ impl<S: Storage> RaftLog<S> {
         self.pending_snapshot = Some(snapshot);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{EntryKind, MemStorage};
+
+    fn ent(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            proposer_term: term,
+            time_ms: 0,
+            kind: EntryKind::Noop,
+        }
+    }
+
+    fn log_with(stable: &[Entry], unstable: &[Entry]) -> RaftLog<MemStorage> {
+        let mut s = MemStorage::new_with_voters([1]);
+        s.append(stable);
+        let mut l = RaftLog::new(s, 0, 0).unwrap();
+        l.append(unstable);
+        l
+    }
+
+    #[test]
+    fn s3_5_entries_span_stable_and_unstable_with_byte_cap() {
+        let l = log_with(&[ent(1, 1), ent(2, 1)], &[ent(3, 2), ent(4, 2)]);
+        let all: Vec<u64> = l
+            .entries(1, 5, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.index)
+            .collect();
+        assert_eq!(all, vec![1, 2, 3, 4]);
+        let one = entry_size(&ent(1, 1));
+        let capped: Vec<u64> = l
+            .entries(2, 5, 2 * one)
+            .unwrap()
+            .iter()
+            .map(|e| e.index)
+            .collect();
+        assert_eq!(capped, vec![2, 3]);
+        assert_eq!(l.entries(1, 5, 0).unwrap().len(), 1, "always one entry");
+        assert_eq!(l.entries(0, 2, u64::MAX), Err(StorageError::Compacted));
+    }
+
+    #[test]
+    fn s3_5_conflicting_suffix_truncated_even_below_stable() {
+        let mut l = log_with(&[ent(1, 1), ent(2, 1), ent(3, 1)], &[]);
+        assert_eq!(l.maybe_append(1, 1, 0, &[ent(2, 2), ent(3, 2)]), Some(3));
+        assert_eq!(l.term(2), Ok(2));
+        assert_eq!(
+            l.unstable_entries().len(),
+            2,
+            "replacements are unstable until persisted"
+        );
+        // A stale Ready of the old entries cannot mark the new ones durable.
+        l.stable_to(3, 1);
+        assert_eq!(l.unstable_entries().len(), 2);
+        l.stable_to(3, 2);
+        assert!(l.unstable_entries().is_empty());
+    }
+
+    #[test]
+    fn s3_5_mismatch_and_committed_conflicts_refused() {
+        let mut l = log_with(&[ent(1, 1), ent(2, 1)], &[]);
+        assert_eq!(
+            l.maybe_append(2, 2, 0, &[ent(3, 2)]),
+            None,
+            "prev term mismatch"
+        );
+        l.commit_to(2);
+        assert_eq!(
+            l.maybe_append(1, 1, 2, &[ent(2, 3)]),
+            None,
+            "would truncate a committed entry"
+        );
+        assert_eq!(l.term(2), Ok(1));
+    }
+
+    #[test]
+    fn s3_5_find_conflict_by_term_skips_a_term() {
+        let l = log_with(
+            &[ent(1, 1), ent(2, 2), ent(3, 2), ent(4, 2), ent(5, 4)],
+            &[],
+        );
+        assert_eq!(l.find_conflict_by_term(5, 3), (4, 2));
+        assert_eq!(l.find_conflict_by_term(9, 9), (5, 4));
+        assert_eq!(l.find_conflict_by_term(4, 1), (1, 1));
+        assert_eq!(l.find_conflict_by_term(4, 0), (0, 0));
+    }
+
+    #[test]
+    fn s5_3_restore_replaces_log_and_moves_commit() {
+        let mut l = log_with(&[ent(1, 1)], &[ent(2, 1)]);
+        let meta = crate::raft::SnapshotMeta {
+            index: 10,
+            term: 3,
+            ..Default::default()
+        };
+        l.restore(Snapshot { meta, data: vec![] });
+        assert_eq!((l.first_index(), l.last_index(), l.committed), (11, 10, 10));
+        assert_eq!(l.term(10), Ok(3));
+        assert_eq!(l.term(5), Err(StorageError::Compacted));
+        assert!(l.next_committed_entries(u64::MAX).is_empty());
+        l.append(&[ent(11, 3)]);
+        l.stable_snapshot_to(10);
+        assert_eq!(l.applied, 10);
+        assert_eq!(l.last_index(), 11);
+    }
+}

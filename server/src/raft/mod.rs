@@ -43,6 +43,20 @@
 //! appear in the next Ready. If the driver crashes before finishing step 2, none of the
 //! Ready's messages went out except early appends, which are safe to lose.
 //!
+//! # Driving a core
+//!
+//! The driver owns one [`Raft`] per node, over a [`Storage`] implementation it also writes.
+//! Each event-loop cycle: feed peer messages with [`Raft::step`], elapsed ticks with
+//! [`Raft::tick`], client writes with [`Raft::propose`] (a `NotLeader` error carries the
+//! leader hint for the client), linearizable reads and keepalive batches with
+//! [`Raft::read_index`] (the returned [`ReadState`] proves a quorum confirmed this leader
+//! after the request arrived: DESIGN §3a.4 and §3a.6); then handle one Ready as above, in
+//! one write transaction with one fsync (group commit). Log compaction is the driver's
+//! decision: snapshot the state machine at its applied index and discard entries some margin
+//! below it ([`MemStorage::create_snapshot`] and [`MemStorage::compact`] show the storage
+//! side). A restart rebuilds the core with [`Raft::new`] from storage, with
+//! [`RaftConfig::applied`] set to the state machine's applied index.
+//!
 //! Messages from the network are untrusted: malformed or misaddressed ones are dropped with a
 //! log line, never a panic.
 #![deny(clippy::disallowed_types)]
