@@ -19,7 +19,7 @@ struct Args {
     /// server address (default 127.0.0.1:7001)
     #[argh(option, default = "String::from(\"127.0.0.1:7001\")")]
     addr: String,
-    /// workload: put, put-raw, get, get-stale, watch-fanout (clients = watchers), watch-idle (clients = connections) (default put)
+    /// workload: put, put-raw, get, get-stale, lock-own, lock-contended, watch-fanout (clients = watchers), watch-idle (clients = connections) (default put)
     #[argh(option, default = "String::from(\"put\")")]
     workload: String,
     /// concurrent clients, comma-separated for several runs (default 1,16)
@@ -55,6 +55,12 @@ enum Workload {
     PutRaw,
     Get,
     GetStale,
+    /// Every client its own lock: one op = acquire + release.
+    LockOwn,
+    /// All clients one lock: one op = one acquisition (a handoff); latency = acquire wait.
+    LockContended,
+    /// `lock-own` over a bare connection with an explicit session (no client library).
+    LockOwnRaw,
 }
 
 fn key(i: u64) -> String {
@@ -101,6 +107,9 @@ async fn client_loop(
     if workload == Workload::PutRaw {
         return raw_put_loop(addr, keys, value, seed, measuring, stop).await;
     }
+    if workload == Workload::LockOwnRaw {
+        return raw_lock_loop(addr, seed, measuring, stop).await;
+    }
     let client = Client::with_config(ClientConfig::new([addr.as_str()])).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
@@ -112,7 +121,20 @@ async fn client_loop(
             Workload::Put => {
                 client.set(&k, value.clone()).await?;
             }
-            Workload::PutRaw => unreachable!("handled by raw_put_loop"),
+            Workload::PutRaw | Workload::LockOwnRaw => unreachable!("handled by the raw loops"),
+            Workload::LockOwn => {
+                let guard = client.lock(format!("bench-own-{seed}")).await?;
+                guard.release().await?;
+            }
+            Workload::LockContended => {
+                let guard = client.lock("bench-contended").await?;
+                let waited = start.elapsed();
+                guard.release().await?;
+                if measuring.load(Ordering::Relaxed) {
+                    let _ = histogram.record(waited.as_micros().max(1) as u64);
+                }
+                continue;
+            }
             Workload::Get => {
                 client.get(&k).await?;
             }
@@ -184,6 +206,121 @@ async fn raw_put_loop(
             Some(Ok(ServerMessage::Response { result: Ok(_), .. })) => {}
             other => return Err(fail(&format!("{other:?}"))),
         }
+        if measuring.load(Ordering::Relaxed) {
+            let _ = histogram.record(start.elapsed().as_micros().max(1) as u64);
+        }
+    }
+    Ok(histogram)
+}
+
+async fn raw_lock_loop(
+    addr: String,
+    seed: u64,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Result<Histogram<u64>, lockd_client::Error> {
+    use futures_util::{SinkExt, StreamExt};
+    use lockd_protocol::{
+        AcquireOp, ClientMessage, FrameCodec, Hello, LockResult, ReleaseOp, Reply, Request,
+        ServerMessage, SessionSeq, WriteOp, WriteResult,
+    };
+    let fail = |e: &dyn std::fmt::Display| lockd_client::Error::Protocol(e.to_string());
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| fail(&e))?;
+    stream.set_nodelay(true).map_err(|e| fail(&e))?;
+    let mut framed = tokio_util::codec::Framed::new(
+        stream,
+        FrameCodec::<ServerMessage, ClientMessage>::default(),
+    );
+    let hello = Hello {
+        protocol_version: lockd_protocol::PROTOCOL_VERSION,
+        client_name: "bench-raw".into(),
+    };
+    framed
+        .send(ClientMessage::Hello(hello))
+        .await
+        .map_err(|e| fail(&e))?;
+    framed
+        .next()
+        .await
+        .ok_or_else(|| fail(&"closed"))?
+        .map_err(|e| fail(&e))?;
+    let mut request_id = 0;
+    let mut call = async |framed: &mut tokio_util::codec::Framed<
+        tokio::net::TcpStream,
+        FrameCodec<ServerMessage, ClientMessage>,
+    >,
+                          request: Request|
+           -> Result<Reply, lockd_client::Error> {
+        request_id += 1;
+        framed
+            .send(ClientMessage::Request {
+                request_id,
+                request,
+            })
+            .await
+            .map_err(|e| fail(&e))?;
+        match framed.next().await {
+            Some(Ok(ServerMessage::Response {
+                result: Ok(reply), ..
+            })) => Ok(reply),
+            other => Err(fail(&format!("{other:?}"))),
+        }
+    };
+    let session = match call(&mut framed, Request::OpenSession { ttl_ms: 30_000 }).await? {
+        Reply::SessionOpened(grant) => grant.session,
+        other => return Err(fail(&format!("{other:?}"))),
+    };
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| fail(&e))?;
+    let mut seq = 0;
+    let lock = format!("bench-raw-{seed}");
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        seq += 1;
+        let header = SessionSeq {
+            session,
+            seq,
+            floor: seq,
+        };
+        let op = WriteOp::Acquire(AcquireOp {
+            lock: lock.clone(),
+            value: vec![],
+            try_only: false,
+            timeout_ms: None,
+            lock_delay_ms: None,
+        });
+        let token = match call(
+            &mut framed,
+            Request::Write {
+                session: Some(header),
+                op,
+            },
+        )
+        .await?
+        {
+            Reply::Write(WriteResult::Lock(LockResult::Granted { token })) => token,
+            other => return Err(fail(&format!("{other:?}"))),
+        };
+        seq += 1;
+        let header = SessionSeq {
+            session,
+            seq,
+            floor: seq,
+        };
+        let op = WriteOp::Release(ReleaseOp {
+            lock: lock.clone(),
+            token,
+        });
+        call(
+            &mut framed,
+            Request::Write {
+                session: Some(header),
+                op,
+            },
+        )
+        .await?;
         if measuring.load(Ordering::Relaxed) {
             let _ = histogram.record(start.elapsed().as_micros().max(1) as u64);
         }
@@ -272,6 +409,9 @@ async fn main() -> std::process::ExitCode {
     let workload = match args.workload.as_str() {
         "put" => Workload::Put,
         "put-raw" => Workload::PutRaw,
+        "lock-own" => Workload::LockOwn,
+        "lock-contended" => Workload::LockContended,
+        "lock-own-raw" => Workload::LockOwnRaw,
         "get" => Workload::Get,
         "get-stale" => Workload::GetStale,
         other => {
