@@ -41,6 +41,9 @@ pub struct RaftConfig {
     pub max_entry_bytes: u64,
     /// Run a pre-vote round (§9.6) before incrementing the term.
     pub pre_vote: bool,
+    /// Byte cap of the committed entries handed out in one Ready (at least one entry), so a
+    /// follower catching up applies in bounded transactions.
+    pub max_apply_bytes: u64,
     /// A leader steps down when it has not heard from a quorum within an election timeout,
     /// and followers that heard from a leader within one ignore (pre)votes (§6.2, §9.6).
     pub check_quorum: bool,
@@ -53,7 +56,7 @@ pub struct RaftConfig {
 
 impl RaftConfig {
     /// Defaults for a node id: election 10 ticks, heartbeat 1, 256 in flight, 1 MiB batches,
-    /// 3 MiB entries, pre-vote and check-quorum on, seed = id.
+    /// 3 MiB entries, 16 MiB applied per Ready, pre-vote and check-quorum on, seed = id.
     pub fn new(id: u64) -> RaftConfig {
         RaftConfig {
             id,
@@ -62,6 +65,7 @@ impl RaftConfig {
             max_inflight_msgs: 256,
             max_size_per_msg: 1 << 20,
             max_entry_bytes: 3 << 20,
+            max_apply_bytes: 16 << 20,
             pre_vote: true,
             check_quorum: true,
             seed: id,

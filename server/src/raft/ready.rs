@@ -84,7 +84,7 @@ impl<S: Storage> Raft<S> {
             snapshot: self.log.pending_snapshot().cloned(),
             early_messages: std::mem::take(&mut self.msgs_early),
             messages: std::mem::take(&mut self.msgs),
-            committed_entries: self.log.next_committed_entries(u64::MAX),
+            committed_entries: self.log.next_committed_entries(self.cfg.max_apply_bytes),
             read_states: std::mem::take(&mut self.read_states),
             last_entry,
         }

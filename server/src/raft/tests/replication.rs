@@ -377,3 +377,23 @@ fn s4_2_1_learner_replicates_but_never_votes_or_counts() {
     assert_eq!(net.node(4).term(), term);
     assert_eq!(net.node(4).role(), Role::Follower);
 }
+
+#[test]
+fn committed_entries_handed_out_in_bounded_readies() {
+    let mut net = Network::new(1, |c| RaftConfig {
+        max_apply_bytes: 1,
+        ..c
+    });
+    net.elect(1);
+    for _ in 0..4 {
+        net.propose(1);
+    }
+    let mut sizes = Vec::new();
+    while let Some(rd) = net.process(1) {
+        if !rd.committed_entries.is_empty() {
+            sizes.push(rd.committed_entries.len());
+        }
+    }
+    assert!(sizes.iter().all(|n| *n == 1), "{sizes:?}");
+    assert_eq!(net.node(1).applied(), 5);
+}
