@@ -312,7 +312,7 @@ impl<S: Storage> Raft<S> {
     }
 
     fn become_candidate(&mut self) {
-        self.reset(self.term + 1);
+        self.reset(self.term.saturating_add(1));
         self.vote = self.id;
         self.role = Role::Candidate;
     }
@@ -343,7 +343,7 @@ impl<S: Storage> Raft<S> {
     pub(super) fn campaign(&mut self, pre: bool, transfer: bool) {
         let vote_term = if pre {
             self.become_pre_candidate();
-            self.term + 1
+            self.term.saturating_add(1)
         } else {
             self.become_candidate();
             self.term

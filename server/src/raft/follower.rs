@@ -16,7 +16,8 @@ use super::Entry;
 fn entries_well_formed(term: u64, prev_index: u64, prev_term: u64, entries: &[Entry]) -> bool {
     let mut last_term = prev_term;
     for (i, e) in entries.iter().enumerate() {
-        if e.index != prev_index + 1 + i as u64 || e.term < last_term || e.term > term {
+        let expected = prev_index.checked_add(1 + i as u64);
+        if expected != Some(e.index) || e.term < last_term || e.term > term {
             return false;
         }
         last_term = e.term;
@@ -100,7 +101,7 @@ impl<S: Storage> Raft<S> {
         data: Vec<u8>,
         last: bool,
     ) {
-        if meta.index == 0 || meta.term == 0 {
+        if meta.index == 0 || meta.term == 0 || meta.index == u64::MAX || meta.term > self.term {
             warn!(id = self.id, from, "snapshot without index or term dropped");
             return;
         }

@@ -179,7 +179,7 @@ impl Progress {
         if self.next.checked_sub(1) != Some(rejected) {
             return false;
         }
-        self.next = rejected.min(hint + 1).max(self.matched + 1);
+        self.next = rejected.min(hint.saturating_add(1)).max(self.matched + 1);
         self.probe_sent = false;
         true
     }

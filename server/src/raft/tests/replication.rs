@@ -397,3 +397,114 @@ fn committed_entries_handed_out_in_bounded_readies() {
     assert!(sizes.iter().all(|n| *n == 1), "{sizes:?}");
     assert_eq!(net.node(1).applied(), 5);
 }
+
+/// Random, often absurd, messages (extreme indexes and terms) never panic a core.
+#[test]
+fn untrusted_random_messages_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let pick = |rng: &mut rand_chacha::ChaCha8Rng| -> u64 {
+        match rng.random_range(0..4) {
+            0 => rng.random_range(0..4),
+            1 => u64::MAX - rng.random_range(0..2),
+            2 => rng.random(),
+            _ => rng.random_range(0..30),
+        }
+    };
+    for round in 0..1000 {
+        let mut net = Network::new(3, |c| c);
+        net.elect(1);
+        net.propose(1);
+        net.stabilize();
+        for _ in 0..20 {
+            let to = rng.random_range(1..=3);
+            let from = rng.random_range(1..=4);
+            let e = |rng: &mut rand_chacha::ChaCha8Rng, i: u64| crate::raft::Entry {
+                index: i,
+                term: rng.random_range(0..5),
+                proposer_term: 0,
+                time_ms: 0,
+                kind: EntryKind::Noop,
+            };
+            let kind = match rng.random_range(0..9) {
+                0 => MessageKind::PreVote {
+                    last_index: pick(&mut rng),
+                    last_term: pick(&mut rng),
+                },
+                1 => MessageKind::Vote {
+                    last_index: pick(&mut rng),
+                    last_term: pick(&mut rng),
+                    transfer: rng.random(),
+                },
+                2 => {
+                    let prev = pick(&mut rng);
+                    let n = rng.random_range(0..3);
+                    let entries = (0..n)
+                        .map(|k| e(&mut rng, prev.wrapping_add(1 + k)))
+                        .collect();
+                    MessageKind::Append {
+                        prev_index: prev,
+                        prev_term: pick(&mut rng),
+                        entries,
+                        commit: pick(&mut rng),
+                    }
+                }
+                3 => MessageKind::AppendResp {
+                    result: if rng.random() {
+                        AppendResult::Match(pick(&mut rng))
+                    } else {
+                        AppendResult::Reject {
+                            rejected: pick(&mut rng),
+                            hint_index: pick(&mut rng),
+                            hint_term: pick(&mut rng),
+                        }
+                    },
+                },
+                4 => MessageKind::Heartbeat {
+                    commit: pick(&mut rng),
+                    read_ctx: pick(&mut rng),
+                },
+                5 => MessageKind::HeartbeatResp {
+                    read_ctx: pick(&mut rng),
+                },
+                6 => MessageKind::InstallSnapshot {
+                    meta: crate::raft::SnapshotMeta {
+                        index: pick(&mut rng),
+                        term: pick(&mut rng),
+                        conf: Default::default(),
+                        time_ms: 0,
+                    },
+                    offset: pick(&mut rng),
+                    data: vec![0; rng.random_range(0..4)],
+                    last: rng.random(),
+                },
+                7 => MessageKind::SnapshotResp {
+                    index: pick(&mut rng),
+                    next_offset: pick(&mut rng),
+                    reject: rng.random(),
+                },
+                _ => MessageKind::ReadIndexResp {
+                    ctx: pick(&mut rng),
+                    index: pick(&mut rng),
+                },
+            };
+            let term = if rng.random() {
+                net.node(to).term()
+            } else {
+                pick(&mut rng)
+            };
+            net.node(to).step(Message {
+                from,
+                to,
+                term,
+                kind,
+            });
+            for id in 1..=3 {
+                net.node(id).tick();
+            }
+            net.process_all();
+            net.queue.clear();
+        }
+        let _ = round;
+    }
+}
