@@ -158,31 +158,9 @@ async fn raw_put_loop(
     stop: Arc<AtomicBool>,
 ) -> Result<Histogram<u64>, lockd_client::Error> {
     use futures_util::{SinkExt, StreamExt};
-    use lockd_protocol::{
-        ClientMessage, FrameCodec, Hello, Request, ServerMessage, SetOp, WriteOp,
-    };
+    use lockd_protocol::{ClientMessage, Request, ServerMessage, SetOp, WriteOp};
     let fail = |e: &dyn std::fmt::Display| lockd_client::Error::Protocol(e.to_string());
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .map_err(|e| fail(&e))?;
-    stream.set_nodelay(true).map_err(|e| fail(&e))?;
-    let mut framed = tokio_util::codec::Framed::new(
-        stream,
-        FrameCodec::<ServerMessage, ClientMessage>::default(),
-    );
-    let hello = Hello {
-        protocol_version: lockd_protocol::PROTOCOL_VERSION,
-        client_name: "bench-raw".into(),
-    };
-    framed
-        .send(ClientMessage::Hello(hello))
-        .await
-        .map_err(|e| fail(&e))?;
-    framed
-        .next()
-        .await
-        .ok_or_else(|| fail(&"closed"))?
-        .map_err(|e| fail(&e))?;
+    let mut framed = watch::connect(&addr).await.map_err(|e| fail(&e))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| fail(&e))?;
@@ -221,31 +199,11 @@ async fn raw_lock_loop(
 ) -> Result<Histogram<u64>, lockd_client::Error> {
     use futures_util::{SinkExt, StreamExt};
     use lockd_protocol::{
-        AcquireOp, ClientMessage, FrameCodec, Hello, LockResult, ReleaseOp, Reply, Request,
-        ServerMessage, SessionSeq, WriteOp, WriteResult,
+        AcquireOp, ClientMessage, FrameCodec, LockResult, ReleaseOp, Reply, Request, ServerMessage,
+        SessionSeq, WriteOp, WriteResult,
     };
     let fail = |e: &dyn std::fmt::Display| lockd_client::Error::Protocol(e.to_string());
-    let stream = tokio::net::TcpStream::connect(&addr)
-        .await
-        .map_err(|e| fail(&e))?;
-    stream.set_nodelay(true).map_err(|e| fail(&e))?;
-    let mut framed = tokio_util::codec::Framed::new(
-        stream,
-        FrameCodec::<ServerMessage, ClientMessage>::default(),
-    );
-    let hello = Hello {
-        protocol_version: lockd_protocol::PROTOCOL_VERSION,
-        client_name: "bench-raw".into(),
-    };
-    framed
-        .send(ClientMessage::Hello(hello))
-        .await
-        .map_err(|e| fail(&e))?;
-    framed
-        .next()
-        .await
-        .ok_or_else(|| fail(&"closed"))?
-        .map_err(|e| fail(&e))?;
+    let mut framed = watch::connect(&addr).await.map_err(|e| fail(&e))?;
     let mut request_id = 0;
     let mut call = async |framed: &mut tokio_util::codec::Framed<
         tokio::net::TcpStream,

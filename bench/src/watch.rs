@@ -19,7 +19,8 @@ type Conn = Framed<TcpStream, FrameCodec<ServerMessage, ClientMessage>>;
 /// A failed benchmark step.
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn connect(addr: &str) -> Result<Conn, BenchError> {
+/// A raw connection that has said Hello.
+pub async fn connect(addr: &str) -> Result<Conn, BenchError> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let mut conn = Framed::new(stream, FrameCodec::default());
