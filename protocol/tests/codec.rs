@@ -103,6 +103,9 @@ fn read_op() -> BoxedStrategy<ReadOp> {
                 limit,
             }
         }),
+        text().prop_map(|name| ReadOp::Lock { name }),
+        (prop::option::of(text()), num32())
+            .prop_map(|(start_after, limit)| ReadOp::Locks { start_after, limit }),
     ]
     .boxed()
 }
@@ -153,6 +156,25 @@ fn write_op() -> BoxedStrategy<WriteOp> {
         set_op().prop_map(WriteOp::Set),
         delete_op().prop_map(WriteOp::Delete),
         prop::collection::vec(multi_op(), 0..6).prop_map(WriteOp::Multi),
+        (
+            text(),
+            data(),
+            any::<bool>(),
+            prop::option::of(num()),
+            prop::option::of(num())
+        )
+            .prop_map(|(lock, value, try_only, timeout_ms, lock_delay_ms)| {
+                WriteOp::Acquire(AcquireOp {
+                    lock,
+                    value,
+                    try_only,
+                    timeout_ms,
+                    lock_delay_ms,
+                })
+            }),
+        (text(), num()).prop_map(|(lock, token)| WriteOp::Release(ReleaseOp { lock, token })),
+        (text(), num())
+            .prop_map(|(lock, acquire_id)| WriteOp::Cancel(CancelOp { lock, acquire_id })),
     ]
     .boxed()
 }
@@ -165,8 +187,123 @@ fn request() -> BoxedStrategy<Request> {
         num().prop_map(|ttl_ms| Request::OpenSession { ttl_ms }),
         session_id().prop_map(|session| Request::CloseSession { session }),
         Just(Request::ClusterStatus),
+        (prop::option::of(session_seq()), write_op(), text(), num()).prop_map(
+            |(session, op, lock, token)| Request::FencedWrite {
+                session,
+                op,
+                fence: Fence { lock, token }
+            }
+        ),
+        (watch_target(), prop::option::of(num()), any::<bool>()).prop_map(
+            |(target, start_revision, with_data)| Request::Watch(WatchRequest {
+                target,
+                start_revision,
+                with_data
+            })
+        ),
+        num().prop_map(|watch_id| Request::CancelWatch { watch_id }),
     ]
     .boxed()
+}
+
+fn watch_target() -> BoxedStrategy<WatchTarget> {
+    prop_oneof![
+        text().prop_map(WatchTarget::Node),
+        text().prop_map(WatchTarget::Children),
+        text().prop_map(WatchTarget::Prefix),
+        session_id().prop_map(WatchTarget::Session),
+        text().prop_map(WatchTarget::Lock),
+    ]
+    .boxed()
+}
+
+fn event() -> BoxedStrategy<Event> {
+    let kind = prop_oneof![
+        (text(), stat(), prop::option::of(data()))
+            .prop_map(|(path, stat, data)| EventKind::Created { path, stat, data }),
+        (text(), stat(), prop::option::of(data()))
+            .prop_map(|(path, stat, data)| EventKind::Changed { path, stat, data }),
+        text().prop_map(|path| EventKind::Deleted { path }),
+        (session_id(), any::<bool>())
+            .prop_map(|(session, expired)| EventKind::SessionEnded { session, expired }),
+        (text(), num(), session_id(), num(), data()).prop_map(
+            |(lock, token, session, acquire_id, value)| EventKind::LockGranted {
+                lock,
+                token,
+                session,
+                acquire_id,
+                value
+            }
+        ),
+        (text(), num(), session_id()).prop_map(|(lock, token, session)| EventKind::LockReleased {
+            lock,
+            token,
+            session
+        }),
+        (text(), num(), session_id()).prop_map(|(lock, token, session)| EventKind::LockRevoked {
+            lock,
+            token,
+            session
+        }),
+        (
+            text(),
+            num(),
+            session_id(),
+            prop_oneof![
+                Just(WaitEndReason::TimedOut),
+                Just(WaitEndReason::Cancelled),
+                Just(WaitEndReason::SessionEnded)
+            ]
+        )
+            .prop_map(
+                |(lock, acquire_id, session, reason)| EventKind::LockWaitEnded {
+                    lock,
+                    acquire_id,
+                    session,
+                    reason
+                }
+            ),
+    ];
+    (num(), kind)
+        .prop_map(|(revision, kind)| Event { revision, kind })
+        .boxed()
+}
+
+fn lock_info() -> BoxedStrategy<LockInfo> {
+    let holder =
+        (num(), session_id(), num(), data()).prop_map(|(token, session, acquire_id, value)| {
+            LockHolder {
+                token,
+                session,
+                acquire_id,
+                value,
+            }
+        });
+    let waiter = (num(), session_id(), data(), prop::option::of(num())).prop_map(
+        |(acquire_id, session, value, deadline_ms)| LockWaiter {
+            acquire_id,
+            session,
+            value,
+            deadline_ms,
+        },
+    );
+    (
+        text(),
+        prop::option::of(holder),
+        prop::collection::vec(waiter, 0..3),
+        num(),
+        prop::option::of(num()),
+    )
+        .prop_map(
+            |(name, holder, waiters, lock_delay_ms, delayed_until_ms)| LockInfo {
+                name,
+                holder,
+                waiters,
+                lock_delay_ms,
+                delayed_until_ms,
+            },
+        )
+        .boxed()
 }
 
 fn hello() -> impl Strategy<Value = Hello> {
@@ -238,6 +375,12 @@ fn error() -> BoxedStrategy<Error> {
         text().prop_map(Error::Indeterminate),
         (num(), num())
             .prop_map(|(requested, applied)| Error::FutureRevision { requested, applied }),
+        (text(), num()).prop_map(|(lock, token)| Error::FencingRejected { lock, token }),
+        (text(), num()).prop_map(|(lock, token)| Error::LockNotHeld { lock, token }),
+        (text(), num()).prop_map(|(lock, acquire_id)| Error::NoSuchAcquire { lock, acquire_id }),
+        num().prop_map(|oldest| Error::Compacted { oldest }),
+        num().prop_map(|resume_from| Error::Lagged { resume_from }),
+        num().prop_map(|watch_id| Error::NoSuchWatch { watch_id }),
     ];
     leaf.prop_recursive(3, 8, 1, |inner| {
         (num32(), inner).prop_map(|(index, error)| Error::MultiFailed {
@@ -264,6 +407,14 @@ fn write_result() -> BoxedStrategy<WriteResult> {
         stat().prop_map(|stat| WriteResult::Set { stat }),
         Just(WriteResult::Deleted),
         prop::collection::vec(multi_result(), 0..6).prop_map(WriteResult::Multi),
+        prop_oneof![
+            num().prop_map(|token| LockResult::Granted { token }),
+            num().prop_map(|waiter_id| LockResult::Queued { waiter_id }),
+            Just(LockResult::NotAcquired)
+        ]
+        .prop_map(WriteResult::Lock),
+        Just(WriteResult::Released),
+        any::<bool>().prop_map(|released| WriteResult::Cancelled { released }),
     ]
     .boxed()
 }
@@ -311,6 +462,14 @@ fn reply() -> BoxedStrategy<Reply> {
         session_grant().prop_map(Reply::SessionOpened),
         Just(Reply::SessionClosed),
         cluster_status().prop_map(Reply::ClusterStatus),
+        lock_info().prop_map(Reply::Lock),
+        (prop::collection::vec(lock_info(), 0..3), any::<bool>())
+            .prop_map(|(locks, more)| Reply::Locks { locks, more }),
+        (num(), num()).prop_map(|(watch_id, start_revision)| Reply::WatchCreated {
+            watch_id,
+            start_revision
+        }),
+        Just(Reply::WatchCancelled),
     ]
     .boxed()
 }
@@ -372,6 +531,17 @@ fn server_message() -> BoxedStrategy<ServerMessage> {
             }
         }),
         error().prop_map(|reason| ServerMessage::Goodbye { reason }),
+        (num(), prop::collection::vec(event(), 0..5), any::<bool>()).prop_map(
+            |(watch_id, events, revision_complete)| ServerMessage::WatchEvents {
+                watch_id,
+                events,
+                revision_complete
+            }
+        ),
+        (num(), num())
+            .prop_map(|(watch_id, revision)| ServerMessage::WatchProgress { watch_id, revision }),
+        (num(), error())
+            .prop_map(|(watch_id, reason)| ServerMessage::WatchEnded { watch_id, reason }),
     ]
     .boxed()
 }
@@ -868,31 +1038,33 @@ fn encode_frame_clamps_its_limit() {
 
 #[test]
 fn unknown_tags_are_malformed() {
-    // ClientMessage has 3 variants (0..=2), ServerMessage 5 (0..=4).
+    // ClientMessage has 3 variants (0..=2), ServerMessage 8 (0..=7).
     assert!(malformed_client(&[0x03]));
     assert!(malformed_client(&[0xFA]));
-    assert!(malformed_server(&[0x05]));
-    // Request tag 5 inside a valid ClientMessage::Request { request_id: 0, .. }.
-    assert!(malformed_client(&[0x01, 0x00, 0x05]));
-    // ReadOp tag 3 in a Read { Linearizable, .. }; Consistency tag 2.
-    assert!(malformed_client(&[0x01, 0x00, 0x00, 0x00, 0x03, 0x00]));
+    assert!(malformed_server(&[0x08]));
+    // Request tag 8 inside a valid ClientMessage::Request { request_id: 0, .. }.
+    assert!(malformed_client(&[0x01, 0x00, 0x08]));
+    // ReadOp tag 5 in a Read { Linearizable, .. }; Consistency tag 2.
+    assert!(malformed_client(&[0x01, 0x00, 0x00, 0x00, 0x05, 0x00]));
     assert!(malformed_client(&[0x01, 0x00, 0x00, 0x02, 0x00, 0x00]));
-    // WriteOp tag 4 in a Write { session: None, .. }; MultiOp tag 4 in a one-op Multi.
-    assert!(malformed_client(&[0x01, 0x00, 0x01, 0x00, 0x04]));
+    // WriteOp tag 7 in a Write { session: None, .. }; MultiOp tag 4 in a one-op Multi.
+    assert!(malformed_client(&[0x01, 0x00, 0x01, 0x00, 0x07]));
     assert!(malformed_client(&[
         0x01, 0x00, 0x01, 0x00, 0x03, 0x01, 0x04
     ]));
     // Option tag 2 (session of a write).
     assert!(malformed_client(&[0x01, 0x00, 0x01, 0x02]));
-    // Error tag 26 (one past FutureRevision) in a Goodbye; Result tag 2 in a Response.
-    assert!(malformed_server(&[0x04, 26]));
+    // Error tag 32 (one past NoSuchWatch) in a Goodbye; Result tag 2 in a Response.
+    assert!(malformed_server(&[0x04, 32]));
     assert!(malformed_server(&[0x01, 0x00, 0x00, 0x02]));
-    // Reply tag 7, KeepAliveResult tag 2, SessionEventKind tag 2.
-    assert!(malformed_server(&[0x01, 0x00, 0x00, 0x00, 0x07]));
+    // Reply tag 11, KeepAliveResult tag 2, SessionEventKind tag 2.
+    assert!(malformed_server(&[0x01, 0x00, 0x00, 0x00, 0x0B]));
     assert!(malformed_server(&[0x02, 0x00, 0x01, 0x00, 0x02]));
     assert!(malformed_server(&[0x03, 0x00, 0x00, 0x02]));
     // Known last variants still decode (the tables above are right).
-    assert!(!malformed_server(&[0x04, 25, 0x00, 0x00]));
+    assert!(!malformed_server(&[0x04, 31, 0x00]));
+    assert!(!malformed_server(&[0x01, 0x00, 0x00, 0x00, 0x0A]));
+    assert!(!malformed_client(&[0x01, 0x00, 0x07, 0x00]));
     assert!(!malformed_server(&[0x03, 0x00, 0x00, 0x01]));
 }
 
