@@ -7,7 +7,7 @@
 //! `last answered send time + ttl − (ttl × drift_ppm / 10⁶ + tick)`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use lockd_protocol::{
@@ -114,6 +114,9 @@ pub(crate) struct SessionShared {
     seq_freed: Notify,
     /// Test hook: the keepalive task skips this session (a paused process).
     paused: std::sync::atomic::AtomicBool,
+    /// The session's lock events, fanned out to its waiters and guards (started on the
+    /// first acquire).
+    lock_hub: OnceLock<Arc<crate::recipes::lock::LockHub>>,
 }
 
 impl SessionShared {
@@ -129,6 +132,7 @@ impl SessionShared {
             status: watch::Sender::new(SessionStatus::Connected),
             seq_freed: Notify::new(),
             paused: std::sync::atomic::AtomicBool::new(false),
+            lock_hub: OnceLock::new(),
         }
     }
 
@@ -152,7 +156,12 @@ impl SessionShared {
         lock(&self.state).seq.floor()
     }
 
-    fn safe_until(&self) -> Instant {
+    /// A receiver of status changes; its `changed()` fails once the session is dropped.
+    pub(crate) fn subscribe_status(&self) -> watch::Receiver<SessionStatus> {
+        self.status.subscribe()
+    }
+
+    pub(crate) fn safe_until(&self) -> Instant {
         let st = lock(&self.state);
         safe_bound(
             st.last_ok_send,
@@ -226,6 +235,21 @@ impl SessionShared {
     fn finish_seq(&self, seq: u64) {
         lock(&self.state).seq.finish(seq);
         self.seq_freed.notify_waiters();
+    }
+}
+
+/// A seq reserved for one write, released when dropped. Unlike [`SeqGuard`] it can outlive
+/// the future that sent the write: whoever holds it may send the write again with the same
+/// seq (the server answers a duplicate with the first result), e.g. to learn the outcome of
+/// a write whose caller went away.
+pub(crate) struct SeqLease {
+    shared: Arc<SessionShared>,
+    seq: u64,
+}
+
+impl Drop for SeqLease {
+    fn drop(&mut self) {
+        self.shared.finish_seq(self.seq);
     }
 }
 
@@ -357,6 +381,43 @@ impl Session {
         self.shared.set_expired("closed");
         self.client.inner.registry.remove(self.id());
         Ok(())
+    }
+
+    /// The session's lock event hub, started on first use.
+    pub(crate) fn lock_hub(&self) -> Arc<crate::recipes::lock::LockHub> {
+        self.shared
+            .lock_hub
+            .get_or_init(|| crate::recipes::lock::LockHub::start(self))
+            .clone()
+    }
+
+    /// Reserves the next seq (waiting while the window is full) for [`Session::write_leased`].
+    pub(crate) async fn lease_seq(&self) -> Result<SeqLease> {
+        let seq = self.shared.acquire_seq().await?;
+        Ok(SeqLease {
+            shared: self.shared.clone(),
+            seq,
+        })
+    }
+
+    /// Sends a write under this session with the leased seq; retried with the same seq after
+    /// reconnects. Sending it again with the same lease is answered with the first result.
+    pub(crate) async fn write_leased(
+        &self,
+        lease: &SeqLease,
+        op: lockd_protocol::WriteOp,
+    ) -> Result<(Revision, lockd_protocol::Reply)> {
+        let shared = &*self.shared;
+        debug_assert!(Arc::ptr_eq(&lease.shared, &self.shared));
+        let request = Request::Write {
+            session: Some(lockd_protocol::SessionSeq {
+                session: shared.id(),
+                seq: lease.seq,
+                floor: shared.floor(),
+            }),
+            op,
+        };
+        self.client.execute(request, Policy::Session(shared)).await
     }
 
     /// Sends a write under this session with the next seq (waiting while the window is

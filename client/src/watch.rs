@@ -26,7 +26,7 @@ use lockd_protocol::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::client::{lock, Client};
+use crate::client::{lock, Client, WeakClient};
 use crate::config::Backoff;
 use crate::conn::{Answer, CallError, Connection, PushHandler};
 use crate::error::{Error, Result};
@@ -192,7 +192,7 @@ impl<'a> std::future::IntoFuture for WatchBuilder<'a> {
                 crate::error::check_path(p)?;
             }
             let mut stream = WatchStream {
-                client: self.client.clone(),
+                client: StreamClient::Strong(self.client.clone()),
                 target: self.target,
                 with_data: self.with_data,
                 progress: self.progress,
@@ -204,7 +204,7 @@ impl<'a> std::future::IntoFuture for WatchBuilder<'a> {
                 fatal: None,
                 done: false,
             };
-            let (live, start) = stream.open(self.start).await?;
+            let (live, start) = stream.open(self.client, self.start).await?;
             stream.live = Some(live);
             stream.resume_from = start;
             stream.start_revision = start;
@@ -278,7 +278,7 @@ impl Drop for Live {
 /// fix) end the stream after the error item; a failure to reconnect in time is yielded as an
 /// error item and the next call tries again from the same resume point.
 pub struct WatchStream {
-    client: Client,
+    client: StreamClient,
     target: WatchTarget,
     with_data: bool,
     progress: bool,
@@ -302,6 +302,14 @@ impl std::fmt::Debug for WatchStream {
     }
 }
 
+/// The client a stream re-creates its watch through.
+enum StreamClient {
+    Strong(Client),
+    /// Does not keep the client alive: the stream ends once the client is gone (for
+    /// background streams the client itself owns, such as a session's lock events).
+    Weak(WeakClient),
+}
+
 /// What one frame did to the stream.
 enum Flow {
     Continue,
@@ -318,6 +326,21 @@ impl WatchStream {
     /// The revision a resume would start from: every event below it has been delivered.
     pub fn resume_revision(&self) -> Revision {
         self.resume_from
+    }
+
+    /// Holds the client weakly from now on: when every other handle of the client is gone,
+    /// the stream ends (`None`) instead of keeping the client alive.
+    pub(crate) fn downgrade_client(&mut self) {
+        if let StreamClient::Strong(c) = &self.client {
+            self.client = StreamClient::Weak(c.downgrade());
+        }
+    }
+
+    fn client(&self) -> Option<Client> {
+        match &self.client {
+            StreamClient::Strong(c) => Some(c.clone()),
+            StreamClient::Weak(w) => w.upgrade(),
+        }
     }
 
     /// The next item; `None` once the stream has ended (after a fatal error item).
@@ -339,8 +362,12 @@ impl WatchStream {
                 if !delay.is_zero() {
                     tokio::time::sleep(Backoff::jittered(delay)).await;
                 }
-                delay = self.client.config().backoff.next(delay);
-                match self.open(Some(self.resume_from)).await {
+                let Some(client) = self.client() else {
+                    self.done = true;
+                    return None;
+                };
+                delay = client.config().backoff.next(delay);
+                match self.open(&client, Some(self.resume_from)).await {
                     Ok((live, _)) => self.live = Some(live),
                     Err(e) if fatal(&e) => {
                         self.fatal = Some(e);
@@ -460,8 +487,7 @@ impl WatchStream {
     }
 
     /// Creates the server watch from `start`; answers it and its concrete start revision.
-    async fn open(&self, start: Option<Revision>) -> Result<(Live, Revision)> {
-        let client = &self.client;
+    async fn open(&self, client: &Client, start: Option<Revision>) -> Result<(Live, Revision)> {
         let config = client.config();
         let deadline = Instant::now() + config.request_timeout;
         let router = client.inner.watches.clone();
@@ -566,7 +592,9 @@ mod tests {
 
     fn stream() -> WatchStream {
         WatchStream {
-            client: Client::unconnected(crate::ClientConfig::new(["127.0.0.1:1"])),
+            client: StreamClient::Strong(Client::unconnected(crate::ClientConfig::new([
+                "127.0.0.1:1",
+            ]))),
             target: WatchTarget::Prefix("/".into()),
             with_data: false,
             progress: true,
