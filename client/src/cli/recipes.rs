@@ -90,7 +90,14 @@ pub(super) async fn elect(client: &Client, out: &Out, c: ElectCmd) -> Result<u8>
     let Some((value, cmd)) = c.args.split_first() else {
         return Err(invalid("elect wants VALUE -- CMD, or --observe".into()));
     };
-    // Once VALUE starts the greedy positional list, argh keeps a later `--` in it.
+    // Once VALUE starts the greedy positional list, argh keeps everything after it, a later
+    // `--` and options included: insist on `--` right after VALUE, so that an option written
+    // after VALUE is an error and not a command to run.
+    if cmd.first().map(String::as_str) != Some("--") {
+        return Err(invalid(
+            "usage: elect NAME [options] VALUE -- CMD... (options go before VALUE)".into(),
+        ));
+    }
     let cmd = command_part(cmd);
     if cmd.is_empty() {
         return Err(invalid("elect wants a command after --".into()));
