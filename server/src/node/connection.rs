@@ -34,6 +34,9 @@ type Pending = FuturesUnordered<Pin<Box<dyn std::future::Future<Output = Done> +
 /// response to a much larger multi could not be decoded by clients.
 const MAX_MULTI_OPS: usize = 10_000;
 
+/// Initial read buffer of a connection, in bytes.
+const INITIAL_BUFFER: usize = 512;
+
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -90,7 +93,9 @@ async fn next_published(
 /// Serves one connection until the client leaves, a framing error, or `cancel`.
 pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
     let codec = FrameCodec::new(node.config().max_frame);
-    let mut conn = Framed::new(stream, codec);
+    // Start small: most connections are idle most of the time (10,000 watch connections),
+    // and the buffers grow for large frames as needed.
+    let mut conn = Framed::with_capacity(stream, codec, INITIAL_BUFFER);
     match tokio::time::timeout(HELLO_TIMEOUT, conn.next()).await {
         Ok(Some(Ok(ClientMessage::Hello(hello)))) if hello.protocol_version == PROTOCOL_VERSION => {
             tracing::debug!(client = %hello.client_name, "hello");
