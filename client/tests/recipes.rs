@@ -496,3 +496,82 @@ async fn lockctl_lock_runs_the_command_with_its_token_and_exit_code() {
     held.release().await.expect("release");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiet_watch_resumes_from_its_last_bookmark() {
+    // The watched node stays quiet while more revisions than the server keeps in its history
+    // go by elsewhere. Resuming from the watch's start would be `Compacted`; resuming from
+    // the last bookmark works.
+    let (_d, dir) = tmp();
+    let spare = std::net::TcpListener::bind("127.0.0.1:0").expect("reserve");
+    let second: SocketAddr = spare.local_addr().expect("addr");
+    drop(spare);
+    let first = Server::start(&dir).await;
+    let watcher = client(&[first.addr, second]).await;
+    watcher
+        .create("/quiet", b"".to_vec())
+        .await
+        .expect("create");
+    watcher.create("/busy", b"".to_vec()).await.expect("create");
+    let mut stream = watcher
+        .watch(WatchTarget::Node("/quiet".into()))
+        .progress()
+        .await
+        .expect("watch");
+    let started = stream.start_revision();
+    let writer = client(&[first.addr, second]).await;
+    let total = lockd_server::fsm::EVENT_HISTORY_REVISIONS + 500;
+    let mut last = 0;
+    for chunk in 0..total.div_ceil(1000) {
+        let writes = (0..1000u64).map(|i| {
+            let value = (chunk * 1000 + i).to_be_bytes().to_vec();
+            std::future::IntoFuture::into_future(writer.set("/busy", value))
+        });
+        for done in futures_util::future::join_all(writes).await {
+            last = last.max(done.expect("set").revision);
+        }
+    }
+    // Wait for a bookmark at or past the last write.
+    loop {
+        match timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("bookmark in time")
+        {
+            Some(Ok(WatchItem::Progress(revision))) if revision >= last => break,
+            Some(Ok(WatchItem::Revision { .. })) => panic!("/quiet did not change"),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        stream.resume_revision() > last,
+        "resume point follows the bookmarks"
+    );
+    assert!(last - started > lockd_server::fsm::EVENT_HISTORY_REVISIONS);
+    first.stop().await;
+    let listener = TcpListener::bind(second)
+        .await
+        .expect("rebind the second port");
+    let restarted = Server::start_on(&dir, listener).await;
+    let changed = writer
+        .set("/quiet", b"now".to_vec())
+        .await
+        .expect("set after the restart");
+    loop {
+        match timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("event in time")
+        {
+            Some(Ok(WatchItem::Revision { revision, events })) => {
+                assert_eq!(revision, changed.revision);
+                assert!(
+                    matches!(&events[0].kind, EventKind::Changed { path, .. } if path == "/quiet")
+                );
+                break;
+            }
+            Some(Ok(WatchItem::Progress(_))) => {}
+            other => panic!("resumed from the bookmark, not compacted: {other:?}"),
+        }
+    }
+    restarted.stop().await;
+}
