@@ -28,6 +28,24 @@ pub use store::{
     StoreError,
 };
 
+/// The session of writes made without one that create nothing owned (no ephemeral node, no
+/// acquire): they need no session entry, no keepalive and no dedup record. Never issued as a
+/// real session (ids are log indexes, which start at 1); clients cannot name it.
+pub const ANONYMOUS: SessionId = SessionId(0);
+
+/// Whether an operation creates something a session must own (an ephemeral node, a lock
+/// grant or wait), so that it cannot run anonymously.
+pub fn needs_owner(op: &WriteOp) -> bool {
+    match op {
+        WriteOp::Create(c) => c.ephemeral,
+        WriteOp::Multi(ops) => ops
+            .iter()
+            .any(|op| matches!(op, lockd_protocol::MultiOp::Create(c) if c.ephemeral)),
+        WriteOp::Acquire(_) => true,
+        WriteOp::Set(_) | WriteOp::Delete(_) | WriteOp::Release(_) | WriteOp::Cancel(_) => false,
+    }
+}
+
 /// Revisions of event history kept for watches; older ones are compacted in the same
 /// deterministic way on every node.
 pub const EVENT_HISTORY_REVISIONS: u64 = 10_000;
@@ -235,6 +253,17 @@ fn apply_write<S: FsmStore>(
 ) -> Result<Applied, StoreError> {
     let rev = entry.index;
     let id = header.session;
+    if id == ANONYMOUS {
+        // A session-less write that owns nothing: nobody retries it, nothing is kept.
+        if needs_owner(op) {
+            return Ok(Applied::reply(
+                rev,
+                Err(Error::UnknownSession { session: id }),
+            ));
+        }
+        let result = apply_op(store, entry, id, op, fence, fx)?;
+        return Ok(Applied::reply(rev, result));
+    }
     let Some(mut session) = store.session(id)? else {
         return Ok(Applied::reply(rev, Err(missing_session(id, rev))));
     };

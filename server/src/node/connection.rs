@@ -415,7 +415,23 @@ impl Connection {
                     }
                 }
                 let (header, implicit_seq) = match session {
+                    Some(header) if header.session == crate::fsm::ANONYMOUS => {
+                        let unknown = Error::UnknownSession {
+                            session: header.session,
+                        };
+                        return respond(self.node.published_index(), Err(unknown));
+                    }
                     Some(header) => (header, None),
+                    // Owning nothing, a write needs no session at all: no session entries for
+                    // a one-shot `lockctl put`.
+                    None if !crate::fsm::needs_owner(&op) => {
+                        let anonymous = SessionSeq {
+                            session: crate::fsm::ANONYMOUS,
+                            seq: 0,
+                            floor: 0,
+                        };
+                        (anonymous, None)
+                    }
                     None => match self.implicit_seq().await {
                         Ok(header) => (header, Some(header.seq)),
                         Err(e) => return respond(self.node.published_index(), Err(e)),

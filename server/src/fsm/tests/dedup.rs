@@ -217,8 +217,7 @@ fn writes_on_unknown_or_ended_sessions_are_never_applied() {
     h.write_seq(ended, 1, 1, create_eph("/mine"));
     h.close(ended);
     let before = h.store.clone();
-    let ids: [fn(u64) -> SessionId; 4] = [
-        |_| SessionId(0),
+    let ids: [fn(u64) -> SessionId; 3] = [
         |next| SessionId(next),
         |next| SessionId(next + 7),
         |_| SessionId(u64::MAX),
@@ -265,5 +264,25 @@ fn implicit_sessions_keep_no_responses() {
     // Ephemerals still belong to it and end with it.
     h.write_seq(s, 3, 3, create_eph("/e"));
     h.close(s);
+    assert_eq!(h.node("/e"), None);
+}
+
+#[test]
+fn anonymous_writes_keep_nothing_and_cannot_own() {
+    let mut h = Harness::new();
+    let anonymous = crate::fsm::ANONYMOUS;
+    let first = h.write_seq(anonymous, 0, 0, create("/a", b"x"));
+    assert!(first.result.is_ok());
+    // The same (session, seq) again is a new write, not a duplicate: nothing is remembered.
+    let again = h.write_seq(anonymous, 0, 0, create("/a", b"x"));
+    assert_eq!(again.result, Err(Error::NodeExists { path: "/a".into() }));
+    assert!(h.store.dedup.is_empty());
+    assert!(h.store.sessions.is_empty());
+    // Ephemeral nodes and locks need an owner.
+    let eph = h.write_seq(anonymous, 0, 0, create_eph("/e"));
+    assert_eq!(
+        eph.result,
+        Err(Error::UnknownSession { session: anonymous })
+    );
     assert_eq!(h.node("/e"), None);
 }
