@@ -5,8 +5,14 @@
 //! the hard state, applying the committed entries and recording the applied index happen in
 //! one write transaction with one fsync, so a crash never applies an entry twice nor loses an
 //! acknowledged one. This module does no networking and knows nothing of clients.
+//!
+//! For replication, [`RaftStore`] (`raft_store.rs`) is the redb implementation of
+//! [`crate::raft::Storage`] and persists a whole Ready in one transaction; [`snapshot`] defines
+//! the snapshot format (a dump of the fsm tables at the applied index).
 
 pub mod backend;
+mod raft_store;
+pub mod snapshot;
 mod tables;
 
 use std::path::Path;
@@ -18,6 +24,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend
 
 use crate::fsm::{self, Applied, FsmRead, SessionRecord, StoreError};
 use crate::raft::Entry;
+pub use raft_store::{PersistInput, RaftStore, StageOutcome};
 pub use tables::{FsmTxn, FsmView};
 use tables::{RAFT_LOG, RAFT_STATE, SESSIONS};
 
@@ -111,6 +118,9 @@ const KEY_CLUSTER: &str = "cluster_id";
 const KEY_NODE: &str = "node_id";
 const KEY_INCARNATION: &str = "incarnation";
 const KEY_FIRST_INDEX: &str = "first_index";
+/// Term of the entry at `first_index - 1` (the compaction point), so `term()` can still
+/// answer for it after the entry is gone.
+const KEY_OFFSET_TERM: &str = "offset_term";
 
 /// Compaction deletes at most this many entries per batch, to keep commits short.
 const COMPACT_STEP: u64 = 4096;
@@ -275,7 +285,8 @@ impl Storage {
     }
 }
 
-/// Deletes log entries more than `retain` below `applied`, a bounded step at a time.
+/// Deletes log entries more than `retain` below `applied`, a bounded step at a time, and
+/// records the new first index and the term of the entry just before it.
 fn compact(
     log: &mut redb::Table<u64, &[u8]>,
     state: &mut redb::Table<&str, u64>,
@@ -288,10 +299,20 @@ fn compact(
         return Ok(());
     }
     let until = keep_from.min(first + COMPACT_STEP);
+    let offset_term = match log.get(until - 1)? {
+        Some(bytes) => decode::<Entry>(bytes.value())?.term,
+        None => {
+            return Err(StorageError::Corrupt(format!(
+                "log entry {} missing at compaction",
+                until - 1
+            )))
+        }
+    };
     for index in first..until {
         log.remove(index)?;
     }
     state.insert(KEY_FIRST_INDEX, until)?;
+    state.insert(KEY_OFFSET_TERM, offset_term)?;
     Ok(())
 }
 

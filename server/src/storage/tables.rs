@@ -13,14 +13,15 @@ use crate::fsm::{
 
 pub(super) const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 pub(super) const RAFT_STATE: TableDefinition<&str, u64> = TableDefinition::new("raft_state");
-const NODES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("nodes");
+pub(super) const NODES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("nodes");
 pub(super) const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
-const EPHEMERALS: TableDefinition<(u64, &str), ()> = TableDefinition::new("ephemerals");
-const DEDUP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup");
-const FSM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_meta");
-const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
-const SESSION_LOCKS: TableDefinition<(u64, &str, u64), ()> = TableDefinition::new("session_locks");
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub(super) const EPHEMERALS: TableDefinition<(u64, &str), ()> = TableDefinition::new("ephemerals");
+pub(super) const DEDUP: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("dedup");
+pub(super) const FSM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_meta");
+pub(super) const LOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("locks");
+pub(super) const SESSION_LOCKS: TableDefinition<(u64, &str, u64), ()> =
+    TableDefinition::new("session_locks");
+pub(super) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const KEY_APPLIED: &str = "applied";
 
 fn store_err(e: impl std::fmt::Display) -> StoreError {
