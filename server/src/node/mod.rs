@@ -8,6 +8,7 @@
 mod connection;
 mod deadlines;
 mod event_loop;
+pub mod peer;
 mod watch;
 
 use std::future::Future;

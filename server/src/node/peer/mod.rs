@@ -1,0 +1,696 @@
+//! The peer transport: carries Raft messages between lockd nodes over TCP.
+//!
+//! One ordered connection per peer and direction, like etcd's stream: this node *dials* each
+//! peer and only writes on that connection; peers dial us and we only read from the
+//! connections we *accept*. [`PeerTransport::send`] is non-blocking: it appends to a bounded
+//! per-peer queue (the oldest messages are dropped when it is full, e.g. while a peer is down;
+//! Raft tolerates loss) and wakes that peer's writer task, which connects with exponential
+//! backoff and jitter, handshakes, and drains everything queued into as few frames as the
+//! frame limit allows ([`split_batches`]).
+//!
+//! The handshake and every later frame are checked against the cluster id, the sender's node
+//! id and its incarnation (DESIGN §3a.9); a mismatch closes the connection with a typed
+//! [`RefuseReason`], sent to the other side, logged, and kept in [`PeerTransport::refusals`].
+//! Received messages whose `to` is not this node or whose `from` is not the handshaken peer are
+//! dropped; the rest go to the `inbound` channel in the order they arrived.
+//!
+//! What this module must not do: interpret Raft messages (the core validates them), block the
+//! caller of `send`, allocate for a frame longer than the limit, or trust anything it reads.
+//! Keepalive batches ([`PeerMessage::KeepAliveBatch`]) are defined on the wire but not routed
+//! yet: received ones are counted and dropped until the driver consumes them.
+
+mod accept;
+mod wire;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use lockd_protocol::codec::{encode_frame, FrameCodec, FrameError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::raft::Message;
+pub use wire::{
+    message_size, peer_frame_limit, split_batches, PeerFrame, PeerMessage, RefuseReason,
+    BATCH_FRAME_OVERHEAD, PEER_FRAME_HEADROOM, PEER_PROTOCOL_VERSION,
+};
+
+/// How many refusals [`PeerTransport::refusals`] remembers.
+const REFUSALS_KEPT: usize = 32;
+
+/// Where a peer listens, and the incarnation it must present if known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer's peer-port address.
+    pub addr: SocketAddr,
+    /// The incarnation recorded for the peer in the configuration; `None` accepts any (at
+    /// bootstrap, before it is known). Either way a connection keeps the incarnation of its
+    /// handshake for every later frame.
+    pub incarnation: Option<u64>,
+}
+
+impl From<SocketAddr> for PeerInfo {
+    fn from(addr: SocketAddr) -> Self {
+        PeerInfo {
+            addr,
+            incarnation: None,
+        }
+    }
+}
+
+/// Reconnect delays: `initial · 2^attempt`, capped at `max`, each drawn uniformly from the
+/// upper half of that (jitter, so peers that lost each other do not redial in lockstep).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay before the first retry.
+    pub initial: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based), with jitter from the OS-seeded
+    /// thread RNG.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
+        let nanos = base.as_nanos().min(u64::MAX as u128) as u64;
+        Duration::from_nanos(rand::random_range(nanos / 2..=nanos))
+    }
+}
+
+/// Configuration of a [`PeerTransport`].
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// This node's id.
+    pub id: u64,
+    /// The cluster id every frame must carry.
+    pub cluster_id: u64,
+    /// This node's incarnation.
+    pub incarnation: u64,
+    /// The other members (an entry for `id` itself is ignored).
+    pub peers: BTreeMap<u64, PeerInfo>,
+    /// Frame limit on the peer port, both ways ([`peer_frame_limit`] of the client limit).
+    pub max_frame: usize,
+    /// Reconnect delays.
+    pub backoff: Backoff,
+    /// Messages queued per peer before the oldest are dropped.
+    pub queue_len: usize,
+    /// Time allowed for connecting and for each side of the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl PeerConfig {
+    /// A configuration with default limits.
+    pub fn new(
+        id: u64,
+        cluster_id: u64,
+        incarnation: u64,
+        peers: impl IntoIterator<Item = (u64, PeerInfo)>,
+    ) -> PeerConfig {
+        PeerConfig {
+            id,
+            cluster_id,
+            incarnation,
+            peers: peers.into_iter().collect(),
+            max_frame: peer_frame_limit(lockd_protocol::DEFAULT_MAX_FRAME),
+            backoff: Backoff::default(),
+            queue_len: 8192,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a peer connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("refused by the peer: {0}")]
+    RefusedByPeer(RefuseReason),
+    #[error("refused: {0}")]
+    Refused(RefuseReason),
+    #[error("timed out")]
+    Timeout,
+    #[error("connection closed")]
+    Closed,
+}
+
+/// A refused or closed peer connection, kept for diagnosis and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The peer's node id, when known (the node we dialed, or the id an acceptor's dialer
+    /// claimed).
+    pub peer: Option<u64>,
+    /// True when this node refused; false when the peer refused us.
+    pub by_us: bool,
+    /// Why.
+    pub reason: RefuseReason,
+}
+
+/// Counters of a transport, for tests and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// `Batch` frames written by our dialers.
+    pub batch_frames_sent: u64,
+    /// Raft messages written by our dialers.
+    pub messages_sent: u64,
+    /// `Batch` frames read on accepted connections.
+    pub batch_frames_received: u64,
+    /// Raft messages handed to `inbound`.
+    pub messages_delivered: u64,
+    /// Handshakes our dialers completed.
+    pub handshakes_dialed: u64,
+    /// Handshakes we accepted.
+    pub handshakes_accepted: u64,
+    /// Messages dropped from a full queue.
+    pub dropped_queue_full: u64,
+    /// Messages to nodes that are not peers.
+    pub dropped_unknown_peer: u64,
+    /// Messages too large for a frame on their own.
+    pub dropped_oversized: u64,
+    /// Received messages not addressed to us or not from the handshaken peer.
+    pub dropped_misaddressed: u64,
+    /// Accepted connections closed for an undecodable or oversized frame.
+    pub malformed_connections: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    batch_frames_sent: AtomicU64,
+    messages_sent: AtomicU64,
+    batch_frames_received: AtomicU64,
+    messages_delivered: AtomicU64,
+    handshakes_dialed: AtomicU64,
+    handshakes_accepted: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_unknown_peer: AtomicU64,
+    dropped_oversized: AtomicU64,
+    dropped_misaddressed: AtomicU64,
+    malformed_connections: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One peer we send to: its queue and its writer task's controls.
+#[derive(Debug)]
+struct PeerSlot {
+    id: u64,
+    info: Mutex<PeerInfo>,
+    /// Bumped when `info` changes, so the writer reconnects.
+    generation: AtomicU64,
+    queue: Mutex<VecDeque<Message>>,
+    /// Wakes the writer: messages queued or `info` changed.
+    wake: Notify,
+    /// Stops the writer.
+    cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    cluster_id: u64,
+    incarnation: u64,
+    max_frame: usize,
+    backoff: Backoff,
+    queue_len: usize,
+    handshake_timeout: Duration,
+    peers: Mutex<BTreeMap<u64, Arc<PeerSlot>>>,
+    /// Accepted connection per peer id: (connection number, its cancel token).
+    accepted: Mutex<BTreeMap<u64, (u64, CancellationToken)>>,
+    next_conn: AtomicU64,
+    inbound: mpsc::Sender<Message>,
+    counters: Counters,
+    refusals: Mutex<VecDeque<Refusal>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The running transport. Dropping it stops every task (without waiting for them).
+#[derive(Debug)]
+pub struct PeerTransport {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl PeerTransport {
+    /// Binds `addr` and starts; see [`PeerTransport::start`].
+    pub async fn bind(
+        config: PeerConfig,
+        addr: SocketAddr,
+        inbound: mpsc::Sender<Message>,
+    ) -> std::io::Result<PeerTransport> {
+        let listener = TcpListener::bind(addr).await?;
+        PeerTransport::start(config, listener, inbound)
+    }
+
+    /// Starts accepting peers on `listener` and a writer task per peer. Must be called inside
+    /// a tokio runtime; the tasks run on it.
+    pub fn start(
+        config: PeerConfig,
+        listener: TcpListener,
+        inbound: mpsc::Sender<Message>,
+    ) -> std::io::Result<PeerTransport> {
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            id: config.id,
+            cluster_id: config.cluster_id,
+            incarnation: config.incarnation,
+            max_frame: config.max_frame.min(lockd_protocol::MAX_FRAME_LIMIT),
+            backoff: config.backoff,
+            queue_len: config.queue_len.max(1),
+            handshake_timeout: config.handshake_timeout,
+            peers: Mutex::new(BTreeMap::new()),
+            accepted: Mutex::new(BTreeMap::new()),
+            next_conn: AtomicU64::new(1),
+            inbound,
+            counters: Counters::default(),
+            refusals: Mutex::new(VecDeque::new()),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let span = tracing::info_span!("peer_accept", node = shared.id, %local_addr);
+        let task = accept::accept_loop(shared.clone(), listener);
+        spawn_cancellable(&shared, shared.cancel.clone(), task, span);
+        let transport = PeerTransport { shared, local_addr };
+        transport.set_peers(config.peers);
+        Ok(transport)
+    }
+
+    /// The address the transport accepts peers on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Queues messages for their `to` nodes and wakes the writers. Never blocks; callable
+    /// from any thread. Messages to unknown nodes are dropped; a full queue drops its oldest.
+    pub fn send(&self, messages: Vec<Message>) {
+        let shared = &self.shared;
+        let peers = lock(&shared.peers);
+        let mut woken: Vec<&Arc<PeerSlot>> = Vec::new();
+        for message in messages {
+            let Some(slot) = peers.get(&message.to) else {
+                bump(&shared.counters.dropped_unknown_peer, 1);
+                tracing::debug!(to = message.to, "message for an unknown peer dropped");
+                continue;
+            };
+            let mut queue = lock(&slot.queue);
+            if queue.len() >= shared.queue_len {
+                queue.pop_front();
+                bump(&shared.counters.dropped_queue_full, 1);
+            }
+            queue.push_back(message);
+            drop(queue);
+            if !woken.iter().any(|w| w.id == slot.id) {
+                woken.push(slot);
+            }
+        }
+        for slot in woken {
+            slot.wake.notify_one();
+        }
+    }
+
+    /// Replaces the set of peers: new ones get a writer, removed ones lose theirs (and their
+    /// queue), and a changed address or incarnation makes the writer reconnect.
+    pub fn set_peers(&self, peers: BTreeMap<u64, PeerInfo>) {
+        let shared = &self.shared;
+        let mut slots = lock(&shared.peers);
+        slots.retain(|id, slot| {
+            let keep = peers.contains_key(id);
+            if !keep {
+                slot.cancel.cancel();
+            }
+            keep
+        });
+        for (&id, &info) in peers.iter().filter(|(&id, _)| id != shared.id) {
+            if let Some(slot) = slots.get(&id) {
+                let mut current = lock(&slot.info);
+                if *current != info {
+                    *current = info;
+                    slot.generation.fetch_add(1, Ordering::AcqRel);
+                    slot.wake.notify_one();
+                }
+                continue;
+            }
+            let slot = Arc::new(PeerSlot {
+                id,
+                info: Mutex::new(info),
+                generation: AtomicU64::new(0),
+                queue: Mutex::new(VecDeque::new()),
+                wake: Notify::new(),
+                cancel: shared.cancel.child_token(),
+            });
+            slots.insert(id, slot.clone());
+            let span = tracing::info_span!("peer_writer", node = shared.id, peer = id);
+            let task = run_writer(shared.clone(), slot.clone());
+            spawn_cancellable(shared, slot.cancel.clone(), task, span);
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> PeerStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PeerStats {
+            batch_frames_sent: get(&c.batch_frames_sent),
+            messages_sent: get(&c.messages_sent),
+            batch_frames_received: get(&c.batch_frames_received),
+            messages_delivered: get(&c.messages_delivered),
+            handshakes_dialed: get(&c.handshakes_dialed),
+            handshakes_accepted: get(&c.handshakes_accepted),
+            dropped_queue_full: get(&c.dropped_queue_full),
+            dropped_unknown_peer: get(&c.dropped_unknown_peer),
+            dropped_oversized: get(&c.dropped_oversized),
+            dropped_misaddressed: get(&c.dropped_misaddressed),
+            malformed_connections: get(&c.malformed_connections),
+        }
+    }
+
+    /// The most recent refusals, oldest first.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        lock(&self.shared.refusals).iter().cloned().collect()
+    }
+
+    /// Stops accepting and sending, and waits for every task to end. Queued messages are
+    /// dropped.
+    pub async fn shutdown(self) {
+        self.shared.cancel.cancel();
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+    }
+}
+
+impl Drop for PeerTransport {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+/// Runs `task` on the transport's runtime until it ends or `cancel` fires.
+fn spawn_cancellable(
+    shared: &Shared,
+    cancel: CancellationToken,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    span: tracing::Span,
+) {
+    let guarded = async move {
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = task => {}
+        }
+    };
+    shared
+        .tracker
+        .spawn_on(guarded.instrument(span), &shared.runtime);
+}
+
+impl Shared {
+    fn record_refusal(&self, peer: Option<u64>, by_us: bool, reason: RefuseReason) {
+        tracing::warn!(?peer, by_us, %reason, "peer connection refused");
+        let mut refusals = lock(&self.refusals);
+        if refusals.len() >= REFUSALS_KEPT {
+            refusals.pop_front();
+        }
+        refusals.push_back(Refusal {
+            peer,
+            by_us,
+            reason,
+        });
+    }
+
+    fn frame(&self, body: PeerMessage) -> PeerFrame {
+        PeerFrame {
+            cluster_id: self.cluster_id,
+            from: self.id,
+            incarnation: self.incarnation,
+            body,
+        }
+    }
+
+    fn codec(&self) -> FrameCodec<PeerFrame, PeerFrame> {
+        FrameCodec::new(self.max_frame)
+    }
+
+    /// Writes one frame (handshake and refusal frames; batches are written in bulk).
+    async fn write_frame(
+        &self,
+        write: &mut OwnedWriteHalf,
+        body: PeerMessage,
+    ) -> Result<(), PeerError> {
+        let mut buf = BytesMut::new();
+        encode_frame(&self.frame(body), self.max_frame, &mut buf)?;
+        tokio::time::timeout(self.handshake_timeout, write.write_all(&buf))
+            .await
+            .map_err(|_| PeerError::Timeout)??;
+        Ok(())
+    }
+
+    /// Tells the other side why, best effort, and records it.
+    async fn refuse(&self, write: &mut OwnedWriteHalf, peer: Option<u64>, reason: RefuseReason) {
+        let _ = self
+            .write_frame(
+                write,
+                PeerMessage::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+        let _ = write.shutdown().await;
+        self.record_refusal(peer, true, reason);
+    }
+}
+
+type PeerReader = FramedRead<OwnedReadHalf, FrameCodec<PeerFrame, PeerFrame>>;
+
+/// Next frame within the handshake timeout.
+async fn read_frame(shared: &Shared, reader: &mut PeerReader) -> Result<PeerFrame, PeerError> {
+    match tokio::time::timeout(shared.handshake_timeout, reader.next()).await {
+        Err(_) => Err(PeerError::Timeout),
+        Ok(None) => Err(PeerError::Closed),
+        Ok(Some(frame)) => Ok(frame?),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dialing side: one writer task per peer.
+
+async fn run_writer(shared: Arc<Shared>, slot: Arc<PeerSlot>) {
+    let mut attempt = 0u32;
+    loop {
+        let generation = slot.generation.load(Ordering::Acquire);
+        let info = *lock(&slot.info);
+        let span = tracing::info_span!("peer_conn", dir = "out", peer = slot.id, addr = %info.addr);
+        let outcome = async {
+            let (reader, write) = dial(&shared, slot.id, info).await?;
+            tracing::debug!("connected");
+            bump(&shared.counters.handshakes_dialed, 1);
+            attempt = 0;
+            stream_to_peer(&shared, &slot, generation, reader, write).await
+        }
+        .instrument(span.clone())
+        .await;
+        match outcome {
+            Ok(()) => {}
+            Err(PeerError::RefusedByPeer(reason)) => {
+                shared.record_refusal(Some(slot.id), false, reason)
+            }
+            Err(PeerError::Refused(reason)) => shared.record_refusal(Some(slot.id), true, reason),
+            Err(e) => {
+                span.in_scope(|| tracing::debug!(error = %e, attempt, "peer connection ended"))
+            }
+        }
+        if slot.generation.load(Ordering::Acquire) != generation {
+            continue; // New address: dial it now.
+        }
+        let delay = shared.backoff.delay(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = address_changed(&slot, generation) => {}
+        }
+    }
+}
+
+/// Resolves once the slot's address changes. Consumes wake-ups meant for queued messages,
+/// which is harmless: the queue is drained as soon as a connection is up.
+async fn address_changed(slot: &PeerSlot, generation: u64) {
+    while slot.generation.load(Ordering::Acquire) == generation {
+        slot.wake.notified().await;
+    }
+}
+
+/// Connects to `peer` and completes the handshake as the dialer.
+async fn dial(
+    shared: &Shared,
+    peer: u64,
+    info: PeerInfo,
+) -> Result<(PeerReader, OwnedWriteHalf), PeerError> {
+    let stream = tokio::time::timeout(shared.handshake_timeout, TcpStream::connect(info.addr))
+        .await
+        .map_err(|_| PeerError::Timeout)??;
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let mut reader = FramedRead::new(read, shared.codec());
+    let hello = PeerMessage::Hello {
+        protocol_version: PEER_PROTOCOL_VERSION,
+        to: peer,
+    };
+    shared.write_frame(&mut write, hello).await?;
+    let answer = read_frame(shared, &mut reader).await?;
+    let reason = match answer.body {
+        PeerMessage::Refused { reason } => return Err(PeerError::RefusedByPeer(reason)),
+        PeerMessage::HelloOk { protocol_version } => {
+            check_identity(shared, &answer, info.incarnation, peer, protocol_version)
+        }
+        other => Some(RefuseReason::Unexpected {
+            got: other.name().to_string(),
+        }),
+    };
+    if let Some(reason) = reason {
+        let _ = shared
+            .write_frame(
+                &mut write,
+                PeerMessage::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+        return Err(PeerError::Refused(reason));
+    }
+    Ok((reader, write))
+}
+
+/// Checks a handshake frame's envelope against what we expect of `peer`.
+fn check_identity(
+    shared: &Shared,
+    frame: &PeerFrame,
+    expected_incarnation: Option<u64>,
+    peer: u64,
+    protocol_version: u32,
+) -> Option<RefuseReason> {
+    if protocol_version != PEER_PROTOCOL_VERSION {
+        return Some(RefuseReason::ProtocolVersion {
+            ours: PEER_PROTOCOL_VERSION,
+            theirs: protocol_version,
+        });
+    }
+    if frame.cluster_id != shared.cluster_id {
+        return Some(RefuseReason::WrongCluster {
+            expected: shared.cluster_id,
+            got: frame.cluster_id,
+        });
+    }
+    if frame.from != peer {
+        return Some(RefuseReason::WrongTarget {
+            to: peer,
+            me: frame.from,
+        });
+    }
+    match expected_incarnation {
+        Some(expected) if expected != frame.incarnation => Some(RefuseReason::WrongIncarnation {
+            id: peer,
+            expected,
+            got: frame.incarnation,
+        }),
+        _ => None,
+    }
+}
+
+/// Sends queued messages until the connection fails, the address changes or the peer
+/// closes. The acceptor never writes after its `HelloOk` except to refuse, so anything read
+/// ends the connection.
+async fn stream_to_peer(
+    shared: &Shared,
+    slot: &PeerSlot,
+    generation: u64,
+    mut reader: PeerReader,
+    mut write: OwnedWriteHalf,
+) -> Result<(), PeerError> {
+    let mut buf = BytesMut::new();
+    loop {
+        if slot.generation.load(Ordering::Acquire) != generation {
+            // Keep the queue for the new address rather than write it to the old one.
+            tracing::info!("peer address changed; reconnecting");
+            return Ok(());
+        }
+        let queued: Vec<Message> = lock(&slot.queue).drain(..).collect();
+        if !queued.is_empty() {
+            let (batches, oversized) = split_batches(queued, shared.max_frame);
+            if !oversized.is_empty() {
+                bump(&shared.counters.dropped_oversized, oversized.len() as u64);
+                tracing::warn!(
+                    count = oversized.len(),
+                    max_frame = shared.max_frame,
+                    "messages larger than a peer frame dropped"
+                );
+            }
+            let (frames, messages) = (
+                batches.len() as u64,
+                batches.iter().map(Vec::len).sum::<usize>(),
+            );
+            buf.clear();
+            for batch in batches {
+                encode_frame(
+                    &shared.frame(PeerMessage::Batch(batch)),
+                    shared.max_frame,
+                    &mut buf,
+                )?;
+            }
+            write.write_all(&buf).await?;
+            bump(&shared.counters.batch_frames_sent, frames);
+            bump(&shared.counters.messages_sent, messages as u64);
+            // Do not keep a large buffer around for a connection that is mostly idle.
+            if buf.capacity() > 64 * 1024 {
+                buf = BytesMut::new();
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = slot.wake.notified() => {}
+            frame = reader.next() => {
+                return match frame {
+                    None => Err(PeerError::Closed),
+                    Some(Err(e)) => Err(e.into()),
+                    Some(Ok(PeerFrame { body: PeerMessage::Refused { reason }, .. })) => {
+                        Err(PeerError::RefusedByPeer(reason))
+                    }
+                    Some(Ok(frame)) => Err(PeerError::Refused(RefuseReason::Unexpected {
+                        got: frame.body.name().to_string(),
+                    })),
+                };
+            }
+        }
+    }
+}
