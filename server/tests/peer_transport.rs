@@ -450,3 +450,24 @@ async fn garbage_on_the_peer_port_is_survived() {
     assert_eq!(peers[1].recv().await, heartbeat(1, 2, 1));
     assert_eq!(peers[1].transport.stats().handshakes_accepted, 1);
 }
+
+#[tokio::test]
+async fn a_down_peer_keeps_only_the_newest_messages() {
+    let l1 = listener().await;
+    let free = listener().await;
+    let addr2 = free.local_addr().unwrap();
+    drop(free); // Nothing listens at peer 2's address for now.
+    let addrs = BTreeMap::from([(1, l1.local_addr().unwrap()), (2, addr2)]);
+    let mut c1 = config(1, &addrs);
+    c1.queue_len = 10;
+    let a = TestPeer::start(c1, l1);
+    a.transport
+        .send((0..100).map(|n| heartbeat(1, 2, n)).collect());
+    assert_eq!(a.transport.stats().dropped_queue_full, 90);
+    let mut b = TestPeer::start(config(2, &addrs), TcpListener::bind(addr2).await.unwrap());
+    for n in 90..100 {
+        assert_eq!(b.recv().await, heartbeat(1, 2, n));
+    }
+    a.transport.send(vec![heartbeat(1, 2, 100)]);
+    assert_eq!(b.recv().await, heartbeat(1, 2, 100));
+}

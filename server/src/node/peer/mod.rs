@@ -15,9 +15,10 @@
 //! dropped; the rest go to the `inbound` channel in the order they arrived.
 //!
 //! What this module must not do: interpret Raft messages (the core validates them), block the
-//! caller of `send`, allocate for a frame longer than the limit, or trust anything it reads.
+//! caller of `send`, hold more than its queue bounds (messages and bytes) per peer, allocate
+//! for a frame longer than the limit, or trust anything it reads.
 //! Keepalive batches ([`PeerMessage::KeepAliveBatch`]) are defined on the wire but not routed
-//! yet: received ones are counted and dropped until the driver consumes them.
+//! yet: received ones are logged and dropped until the driver consumes them.
 
 mod accept;
 mod wire;
@@ -48,6 +49,9 @@ pub use wire::{
 
 /// How many refusals [`PeerTransport::refusals`] remembers.
 const REFUSALS_KEPT: usize = 32;
+
+/// Encoded frames are written once this many bytes have accumulated.
+const WRITE_CHUNK: usize = 1024 * 1024;
 
 /// Where a peer listens, and the incarnation it must present if known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,8 +122,12 @@ pub struct PeerConfig {
     pub backoff: Backoff,
     /// Messages queued per peer before the oldest are dropped.
     pub queue_len: usize,
-    /// Time allowed for connecting and for each side of the handshake.
-    pub handshake_timeout: Duration,
+    /// Encoded bytes queued per peer before the oldest messages are dropped (the newest one
+    /// is always kept).
+    pub queue_bytes: usize,
+    /// Time allowed for connecting, for each step of the handshake and for each write; a
+    /// peer that stops reading for longer is disconnected.
+    pub io_timeout: Duration,
 }
 
 impl PeerConfig {
@@ -138,7 +146,8 @@ impl PeerConfig {
             max_frame: peer_frame_limit(lockd_protocol::DEFAULT_MAX_FRAME),
             backoff: Backoff::default(),
             queue_len: 8192,
-            handshake_timeout: Duration::from_secs(5),
+            queue_bytes: 64 * 1024 * 1024,
+            io_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -222,6 +231,36 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Messages waiting for a peer's writer, with their encoded sizes.
+#[derive(Debug, Default)]
+struct Queue {
+    messages: VecDeque<(usize, Message)>,
+    /// Sum of the sizes in `messages` (saturating).
+    bytes: usize,
+}
+
+impl Queue {
+    /// Appends, then drops the oldest messages while over either bound; returns how many
+    /// were dropped.
+    fn push(&mut self, size: usize, message: Message, max_len: usize, max_bytes: usize) -> u64 {
+        self.messages.push_back((size, message));
+        self.bytes = self.bytes.saturating_add(size);
+        let mut dropped = 0;
+        while self.messages.len() > max_len || (self.bytes > max_bytes && self.messages.len() > 1) {
+            if let Some((size, _)) = self.messages.pop_front() {
+                self.bytes = self.bytes.saturating_sub(size);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    fn take(&mut self) -> VecDeque<(usize, Message)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.messages)
+    }
+}
+
 /// One peer we send to: its queue and its writer task's controls.
 #[derive(Debug)]
 struct PeerSlot {
@@ -229,7 +268,7 @@ struct PeerSlot {
     info: Mutex<PeerInfo>,
     /// Bumped when `info` changes, so the writer reconnects.
     generation: AtomicU64,
-    queue: Mutex<VecDeque<Message>>,
+    queue: Mutex<Queue>,
     /// Wakes the writer: messages queued or `info` changed.
     wake: Notify,
     /// Stops the writer.
@@ -244,7 +283,8 @@ struct Shared {
     max_frame: usize,
     backoff: Backoff,
     queue_len: usize,
-    handshake_timeout: Duration,
+    queue_bytes: usize,
+    io_timeout: Duration,
     peers: Mutex<BTreeMap<u64, Arc<PeerSlot>>>,
     /// Accepted connection per peer id: (connection number, its cancel token).
     accepted: Mutex<BTreeMap<u64, (u64, CancellationToken)>>,
@@ -290,7 +330,8 @@ impl PeerTransport {
             max_frame: config.max_frame.min(lockd_protocol::MAX_FRAME_LIMIT),
             backoff: config.backoff,
             queue_len: config.queue_len.max(1),
-            handshake_timeout: config.handshake_timeout,
+            queue_bytes: config.queue_bytes,
+            io_timeout: config.io_timeout,
             peers: Mutex::new(BTreeMap::new()),
             accepted: Mutex::new(BTreeMap::new()),
             next_conn: AtomicU64::new(1),
@@ -326,13 +367,10 @@ impl PeerTransport {
                 tracing::debug!(to = message.to, "message for an unknown peer dropped");
                 continue;
             };
-            let mut queue = lock(&slot.queue);
-            if queue.len() >= shared.queue_len {
-                queue.pop_front();
-                bump(&shared.counters.dropped_queue_full, 1);
-            }
-            queue.push_back(message);
-            drop(queue);
+            let size = message_size(&message).unwrap_or(usize::MAX);
+            let dropped =
+                lock(&slot.queue).push(size, message, shared.queue_len, shared.queue_bytes);
+            bump(&shared.counters.dropped_queue_full, dropped);
             if !woken.iter().any(|w| w.id == slot.id) {
                 woken.push(slot);
             }
@@ -368,7 +406,7 @@ impl PeerTransport {
                 id,
                 info: Mutex::new(info),
                 generation: AtomicU64::new(0),
-                queue: Mutex::new(VecDeque::new()),
+                queue: Mutex::new(Queue::default()),
                 wake: Notify::new(),
                 cancel: shared.cancel.child_token(),
             });
@@ -471,7 +509,12 @@ impl Shared {
     ) -> Result<(), PeerError> {
         let mut buf = BytesMut::new();
         encode_frame(&self.frame(body), self.max_frame, &mut buf)?;
-        tokio::time::timeout(self.handshake_timeout, write.write_all(&buf))
+        self.write_all(write, &buf).await
+    }
+
+    /// Writes `bytes` within the IO timeout.
+    async fn write_all(&self, write: &mut OwnedWriteHalf, bytes: &[u8]) -> Result<(), PeerError> {
+        tokio::time::timeout(self.io_timeout, write.write_all(bytes))
             .await
             .map_err(|_| PeerError::Timeout)??;
         Ok(())
@@ -496,7 +539,7 @@ type PeerReader = FramedRead<OwnedReadHalf, FrameCodec<PeerFrame, PeerFrame>>;
 
 /// Next frame within the handshake timeout.
 async fn read_frame(shared: &Shared, reader: &mut PeerReader) -> Result<PeerFrame, PeerError> {
-    match tokio::time::timeout(shared.handshake_timeout, reader.next()).await {
+    match tokio::time::timeout(shared.io_timeout, reader.next()).await {
         Err(_) => Err(PeerError::Timeout),
         Ok(None) => Err(PeerError::Closed),
         Ok(Some(frame)) => Ok(frame?),
@@ -557,7 +600,7 @@ async fn dial(
     peer: u64,
     info: PeerInfo,
 ) -> Result<(PeerReader, OwnedWriteHalf), PeerError> {
-    let stream = tokio::time::timeout(shared.handshake_timeout, TcpStream::connect(info.addr))
+    let stream = tokio::time::timeout(shared.io_timeout, TcpStream::connect(info.addr))
         .await
         .map_err(|_| PeerError::Timeout)??;
     let _ = stream.set_nodelay(true);
@@ -645,9 +688,9 @@ async fn stream_to_peer(
             tracing::info!("peer address changed; reconnecting");
             return Ok(());
         }
-        let queued: Vec<Message> = lock(&slot.queue).drain(..).collect();
+        let queued = lock(&slot.queue).take();
         if !queued.is_empty() {
-            let (batches, oversized) = split_batches(queued, shared.max_frame);
+            let (batches, oversized) = wire::split_sized(queued, shared.max_frame);
             if !oversized.is_empty() {
                 bump(&shared.counters.dropped_oversized, oversized.len() as u64);
                 tracing::warn!(
@@ -667,12 +710,17 @@ async fn stream_to_peer(
                     shared.max_frame,
                     &mut buf,
                 )?;
+                // Write every MiB or so rather than encode a whole large queue at once.
+                if buf.len() >= WRITE_CHUNK {
+                    shared.write_all(&mut write, &buf).await?;
+                    buf.clear();
+                }
             }
-            write.write_all(&buf).await?;
+            shared.write_all(&mut write, &buf).await?;
             bump(&shared.counters.batch_frames_sent, frames);
             bump(&shared.counters.messages_sent, messages as u64);
             // Do not keep a large buffer around for a connection that is mostly idle.
-            if buf.capacity() > 64 * 1024 {
+            if buf.capacity() > 2 * WRITE_CHUNK {
                 buf = BytesMut::new();
             }
             continue;
@@ -691,6 +739,51 @@ async fn stream_to_peer(
                     })),
                 };
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::MessageKind;
+
+    fn message(n: u64) -> Message {
+        Message {
+            from: 1,
+            to: 2,
+            term: n,
+            kind: MessageKind::TimeoutNow,
+        }
+    }
+
+    #[test]
+    fn the_queue_drops_its_oldest_beyond_either_bound() {
+        let mut queue = Queue::default();
+        let dropped: u64 = (0..10).map(|n| queue.push(10, message(n), 4, 1000)).sum();
+        assert_eq!(dropped, 6);
+        let kept: Vec<u64> = queue.messages.iter().map(|(_, m)| m.term).collect();
+        assert_eq!(kept, vec![6, 7, 8, 9]);
+        assert_eq!(queue.bytes, 40);
+        assert_eq!(queue.push(35, message(10), 4, 50), 3);
+        assert_eq!(queue.bytes, 45);
+        // The newest message is kept even when it alone exceeds the byte bound.
+        assert_eq!(queue.push(500, message(11), 4, 50), 2);
+        assert_eq!(queue.take().len(), 1);
+        assert_eq!(queue.bytes, 0);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_its_cap() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(200),
+        };
+        for attempt in 0..40 {
+            let base = Duration::from_millis(10 * (1u64 << attempt.min(16)))
+                .min(Duration::from_millis(200));
+            let delay = backoff.delay(attempt);
+            assert!(delay >= base / 2 && delay <= base, "{attempt}: {delay:?}");
         }
     }
 }

@@ -145,6 +145,18 @@ pub fn split_batches(
     messages: impl IntoIterator<Item = Message>,
     max_frame: usize,
 ) -> (Vec<Vec<Message>>, Vec<Message>) {
+    let sized = messages
+        .into_iter()
+        .map(|m| (message_size(&m).unwrap_or(usize::MAX), m));
+    split_sized(sized, max_frame)
+}
+
+/// [`split_batches`] over messages whose encoded sizes are already known (`usize::MAX` for
+/// one that cannot be encoded).
+pub(super) fn split_sized(
+    messages: impl IntoIterator<Item = (usize, Message)>,
+    max_frame: usize,
+) -> (Vec<Vec<Message>>, Vec<Message>) {
     let budget = max_frame
         .min(MAX_FRAME_LIMIT)
         .saturating_sub(BATCH_FRAME_OVERHEAD);
@@ -152,14 +164,11 @@ pub fn split_batches(
     let mut oversized = Vec::new();
     let mut current = Vec::new();
     let mut used = 0usize;
-    for message in messages {
-        let size = match message_size(&message) {
-            Some(size) if size <= budget => size,
-            _ => {
-                oversized.push(message);
-                continue;
-            }
-        };
+    for (size, message) in messages {
+        if size > budget {
+            oversized.push(message);
+            continue;
+        }
         if !current.is_empty() && used + size > budget {
             batches.push(std::mem::take(&mut current));
             used = 0;
