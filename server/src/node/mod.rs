@@ -9,6 +9,7 @@ mod connection;
 mod deadlines;
 mod event_loop;
 pub mod peer;
+pub mod replicated;
 mod watch;
 
 use std::future::Future;
