@@ -5,12 +5,15 @@
 //! on committing, and nothing acknowledged is lost. Every wait is bounded.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lockd_protocol::{CreateOp, Error, ReadOp, Reply, SessionId, SessionSeq, WriteOp};
 use lockd_server::fsm::Command;
 use lockd_server::node::peer::{Backoff, PeerConfig, PeerInfo, PeerTransport};
-use lockd_server::node::replicated::{ReplicatedConfig, ReplicatedNode};
+use lockd_server::node::replicated::{Outbox, ReplicatedConfig, ReplicatedNode};
+use lockd_server::raft::Message;
 use lockd_server::storage::backend::LossyBackend;
 use lockd_server::storage::Storage;
 use tokio::net::TcpListener;
@@ -21,6 +24,22 @@ const CLUSTER: u64 = 0x5EED;
 
 struct Cluster {
     nodes: BTreeMap<u64, ReplicatedNode>,
+    /// Per node: whether its outgoing messages are delivered.
+    links: BTreeMap<u64, Arc<AtomicBool>>,
+}
+
+/// An outbox that drops everything while its link is down (a one-way partition).
+struct Gate {
+    transport: PeerTransport,
+    up: Arc<AtomicBool>,
+}
+
+impl Outbox for Gate {
+    fn send(&self, messages: Vec<Message>) {
+        if self.up.load(Ordering::Acquire) {
+            self.transport.send(messages);
+        }
+    }
 }
 
 async fn start_cluster(ids: &[u64]) -> Cluster {
@@ -38,6 +57,7 @@ async fn start_cluster(ids: &[u64]) -> Cluster {
         .map(|(&id, l)| (id, PeerInfo::from(l.local_addr().expect("addr"))))
         .collect();
     let mut nodes = BTreeMap::new();
+    let mut links = BTreeMap::new();
     for (id, listener) in listeners {
         let mut peer_config = PeerConfig::new(
             id,
@@ -58,10 +78,13 @@ async fn start_cluster(ids: &[u64]) -> Cluster {
         let mut config = ReplicatedConfig::new(id, ids.iter().copied());
         config.tick = Duration::from_millis(10);
         config.raft.seed = 0xABCD_0000 + id;
-        let node = ReplicatedNode::start(config, storage, transport, rx).expect("start node");
+        let up = Arc::new(AtomicBool::new(true));
+        links.insert(id, up.clone());
+        let gate = Gate { transport, up };
+        let node = ReplicatedNode::start(config, storage, gate, rx).expect("start node");
         nodes.insert(id, node);
     }
-    Cluster { nodes }
+    Cluster { nodes, links }
 }
 
 impl Cluster {
@@ -246,6 +269,79 @@ async fn three_nodes_replicate_and_survive_the_leader() {
         assert!(
             old.read_applied(&get(path)).1.is_ok(),
             "old leader lacks {path}"
+        );
+    }
+    for (_, mut node) in std::mem::take(&mut cluster.nodes) {
+        node.stop().expect("stop");
+    }
+}
+
+/// A leader cut off from its followers accepts a proposal that can never commit; the others
+/// elect a new leader whose entries take that index. The proposer gets an error, never
+/// another entry's outcome, and the write exists nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_overwritten_proposal_gets_an_error() {
+    let mut cluster = start_cluster(&[1, 2, 3]).await;
+    let leader = cluster.leader(0).await;
+    let first_term = cluster.node(leader).status().term;
+    let (session, rev) = session_on(cluster.node(leader)).await;
+    cluster.applied_all(rev).await;
+
+    // Cut the leader's outgoing messages and propose on it.
+    cluster.links[&leader].store(false, Ordering::Release);
+    let old = cluster.nodes.remove(&leader).expect("leader");
+    let doomed = {
+        let command = create(session, 1, "/lost");
+        async move {
+            let outcome = old.propose(command).await;
+            (old, outcome)
+        }
+    };
+    let doomed = tokio::spawn(doomed);
+
+    // The other two elect a new leader and commit over the doomed index.
+    let new_leader = cluster.leader(first_term).await;
+    assert_ne!(new_leader, leader);
+    let (session2, _) = session_on(cluster.node(new_leader)).await;
+    let mut last_rev = 0;
+    for seq in 1..=5u64 {
+        let applied = cluster
+            .node(new_leader)
+            .propose(create(session2, seq, &format!("/c{seq}")))
+            .await
+            .expect("write on the new leader");
+        last_rev = applied.revision;
+    }
+
+    // Heal: the old leader (which already hears the new one) replaces its entry, learns that
+    // the new entry at that index committed, and answers the proposal with an error.
+    // Still unanswered: it was appended on the old leader (not refused at once), and its
+    // index is not known committed there while its answers are cut.
+    assert!(
+        !doomed.is_finished(),
+        "the doomed proposal was answered early"
+    );
+    cluster.links[&leader].store(true, Ordering::Release);
+    let (old, outcome) = tokio::time::timeout(WAIT, doomed)
+        .await
+        .expect("the doomed proposal is answered")
+        .expect("task");
+    assert!(
+        matches!(outcome, Err(Error::NotLeader { .. })),
+        "expected an error, got {outcome:?}"
+    );
+    cluster.nodes.insert(leader, old);
+    cluster.applied_all(last_rev).await;
+    for node in cluster.nodes.values() {
+        assert!(
+            node.read_applied(&get("/lost")).1.is_err(),
+            "node {}",
+            node.id()
+        );
+        assert!(
+            node.read_applied(&get("/c5")).1.is_ok(),
+            "node {}",
+            node.id()
         );
     }
     for (_, mut node) in std::mem::take(&mut cluster.nodes) {
