@@ -203,6 +203,7 @@ impl ReplicatedNode {
             reads_ready: Vec::new(),
             next_read_ctx: 1,
             queued: Vec::new(),
+            was_leader: false,
         };
         driver.publish_status();
         let thread = std::thread::Builder::new()
@@ -278,8 +279,8 @@ impl ReplicatedNode {
         self.watch_events.subscribe()
     }
 
-    /// Stops the loop (dropping the outbox with it) and waits for the thread. Unanswered
-    /// requests get `ShuttingDown`.
+    /// Stops the loop (dropping the outbox with it) and waits for the thread. Proposals
+    /// already appended get `Indeterminate`; other unanswered requests get `ShuttingDown`.
     pub fn stop(&mut self) -> Result<(), StorageError> {
         let _ = self.tx.send(Input::Shutdown);
         match self.thread.take().map(JoinHandle::join) {
@@ -317,9 +318,12 @@ struct Driver {
     next_read_ctx: u64,
     /// Commands taken from the channel this cycle, proposed after the tick.
     queued: Vec<(Command, ProposalReply)>,
-    /// Entry time: `time_base_ms` + monotonic time since `clock_base` (DESIGN §3a.12).
+    /// Entry time: `time_base_ms` + monotonic time since `clock_base` (DESIGN §3a.12),
+    /// rebased when this node becomes leader.
     time_base_ms: u64,
     clock_base: Instant,
+    /// Whether the core was leader at the end of the previous cycle.
+    was_leader: bool,
 }
 
 impl Driver {
@@ -368,6 +372,7 @@ impl Driver {
                     return Err(e);
                 }
             }
+            self.rebase_time_on_election();
             self.publish_status();
         }
         self.fail_all(&Error::ShuttingDown);
@@ -394,6 +399,17 @@ impl Driver {
             Input::Shutdown => return true,
         }
         false
+    }
+
+    /// A node that just became leader stamps its entries from the last entry's time plus its
+    /// own monotonic time since then (DESIGN §3a.12), not from a clock base of a past term.
+    fn rebase_time_on_election(&mut self) {
+        let leader = self.raft.role() == Role::Leader;
+        if leader && !self.was_leader {
+            self.time_base_ms = self.raft.last_entry_time();
+            self.clock_base = Instant::now();
+        }
+        self.was_leader = leader;
     }
 
     fn entry_time_ms(&self) -> u64 {
@@ -509,9 +525,13 @@ impl Driver {
         }
     }
 
+    /// Answers everything still waiting. Proposals already in the log may yet commit (here
+    /// or under another leader): they get `Indeterminate`, never a retryable error.
     fn fail_all(&mut self, error: &Error) {
         for (_, p) in std::mem::take(&mut self.proposals) {
-            let _ = p.reply.send(Err(error.clone()));
+            let _ = p.reply.send(Err(Error::Indeterminate(format!(
+                "appended but not known applied: {error}"
+            ))));
         }
         for (_, reply) in std::mem::take(&mut self.queued) {
             let _ = reply.send(Err(error.clone()));
