@@ -15,10 +15,10 @@ fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
 
 #[test]
 fn sim_three_nodes_many_seeds_keep_safety() {
-    for seed in seeds(0..40) {
-        let stats = Sim::new(SimConfig::new(seed))
-            .run()
-            .unwrap_or_else(|e| panic!("{e}"));
+    for seed in seeds(0..200) {
+        let stats = Sim::new(SimConfig::new(seed)).run().unwrap_or_else(|e| {
+            panic!("{e}\nreplay: LOCKD_SIM_SEED={seed} cargo test -p lockd-server --lib sim_three")
+        });
         assert!(
             stats.acknowledged > 0,
             "seed {seed}: no progress: {stats:?}"
@@ -28,12 +28,14 @@ fn sim_three_nodes_many_seeds_keep_safety() {
 
 #[test]
 fn sim_five_nodes_many_seeds_keep_safety() {
-    for seed in seeds(1000..1020) {
+    for seed in seeds(1000..1100) {
         let cfg = SimConfig {
             nodes: 5,
             ..SimConfig::new(seed)
         };
-        let stats = Sim::new(cfg).run().unwrap_or_else(|e| panic!("{e}"));
+        let stats = Sim::new(cfg).run().unwrap_or_else(|e| {
+            panic!("{e}\nreplay: LOCKD_SIM_SEED={seed} cargo test -p lockd-server --lib sim_five")
+        });
         assert!(
             stats.acknowledged > 0,
             "seed {seed}: no progress: {stats:?}"
@@ -69,9 +71,9 @@ fn sim_same_seed_same_trace() {
 fn sim_runs_exercise_faults_snapshots_and_reads() {
     let mut total = super::SimStats::default();
     for seed in 0..10 {
-        let s = Sim::new(SimConfig::new(seed))
-            .run()
-            .unwrap_or_else(|e| panic!("{e}"));
+        let s = Sim::new(SimConfig::new(seed)).run().unwrap_or_else(|e| {
+            panic!("{e}\nreplay: LOCKD_SIM_SEED={seed} cargo test -p lockd-server --lib sim_three")
+        });
         println!("seed {seed}: {s:?}");
         total.crashes += s.crashes;
         total.snapshots_installed += s.snapshots_installed;
