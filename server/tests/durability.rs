@@ -168,15 +168,23 @@ async fn wait_until_serving(port: u16) -> std::net::SocketAddr {
     panic!("lockd did not start listening on {addr}");
 }
 
+/// Starts the real `lockd` on `dir` with 4 writers already writing to it.
+async fn lockd_under_load(
+    dir: &std::path::Path,
+) -> (Child, Vec<tokio::task::JoinHandle<()>>, Acked) {
+    let port = free_port();
+    let child = spawn_lockd(dir, port);
+    let addr = wait_until_serving(port).await;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writers = spawn_writers(addr, 4, acked.clone());
+    (child, writers, acked)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_keeps_every_acknowledged_write() {
     let _one_at_a_time = PROCESS_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = spawn_lockd(dir.path(), port);
-    let addr = wait_until_serving(port).await;
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let writers = spawn_writers(addr, 4, acked.clone());
+    let (mut child, writers, acked) = lockd_under_load(dir.path()).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     child.kill().expect("SIGKILL");
     child.wait().unwrap();
@@ -212,11 +220,7 @@ async fn sigkill_under_load_keeps_every_acknowledged_write() {
 async fn sigterm_shuts_down_gracefully_under_load() {
     let _one_at_a_time = PROCESS_TESTS.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = spawn_lockd(dir.path(), port);
-    let addr = wait_until_serving(port).await;
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let writers = spawn_writers(addr, 4, acked.clone());
+    let (mut child, writers, acked) = lockd_under_load(dir.path()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
