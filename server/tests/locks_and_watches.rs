@@ -381,8 +381,8 @@ async fn lock_delay_is_measured_from_the_expiry() {
     collect(&mut waiter.raw, |f| !granted(&events_of(f), "D").is_empty()).await;
     let waited = revoked.elapsed();
     assert!(
-        waited >= Duration::from_millis(450),
-        "granted {waited:?} after the revocation, delay 500 ms"
+        waited >= Duration::from_millis(400),
+        "granted {waited:?} after the revocation, delay 500 ms (100 ms slack for the revocation event to arrive)"
     );
     server.stop().await.unwrap();
 }
