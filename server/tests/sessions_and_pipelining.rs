@@ -34,7 +34,7 @@ async fn expiry_removes_ephemerals_and_tells_the_keepalive_connection() {
     let server = TestServer::start(dir.path().to_path_buf()).await;
     let mut owner = Raw::connect(server.addr).await;
     let mut observer = Raw::connect(server.addr).await;
-    let grant = owner.open_session(200).await;
+    let grant = owner.open_session(400).await;
     let header = SessionSeq {
         session: grant.session,
         seq: 1,
@@ -50,13 +50,13 @@ async fn expiry_removes_ephemerals_and_tells_the_keepalive_connection() {
         let results = owner.keepalive(vec![grant.session]).await;
         assert_eq!(
             results,
-            vec![(grant.session, KeepAliveResult::Ok { ttl_ms: 200 })]
+            vec![(grant.session, KeepAliveResult::Ok { ttl_ms: 400 })]
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
         observer.get("/eph").await.is_ok(),
-        "alive after 500 ms of keepalives with TTL 200 ms"
+        "alive after 500 ms of keepalives with TTL 400 ms"
     );
 
     // Then it stops: the server pushes the expiry to the connection that kept it alive.
