@@ -85,12 +85,26 @@ fn matches(target: &WatchTarget, kind: &EventKind) -> bool {
     }
 }
 
-fn without_data(mut event: Event) -> Event {
-    match &mut event.kind {
-        EventKind::Created { data, .. } | EventKind::Changed { data, .. } => *data = None,
-        _ => {}
+/// A copy of `event` without node data (copying the data only to drop it would cost a large
+/// allocation per watcher).
+fn without_data(event: &Event) -> Event {
+    let kind = match &event.kind {
+        EventKind::Created { path, stat, .. } => EventKind::Created {
+            path: path.clone(),
+            stat: stat.clone(),
+            data: None,
+        },
+        EventKind::Changed { path, stat, .. } => EventKind::Changed {
+            path: path.clone(),
+            stat: stat.clone(),
+            data: None,
+        },
+        other => other.clone(),
+    };
+    Event {
+        revision: event.revision,
+        kind,
     }
-    event
 }
 
 fn approx_size(event: &Event) -> usize {
@@ -154,7 +168,13 @@ impl Watches {
                         .into_iter()
                         .filter(|e| e.revision <= applied)
                         .collect();
-                    self.deliver(id, &mut state, &events);
+                    deliver(
+                        &mut self.outbox,
+                        self.max_frame_bytes,
+                        id,
+                        &mut state,
+                        &events,
+                    );
                 }
                 Err(e) => return (applied, Err(e)),
             }
@@ -183,12 +203,15 @@ impl Watches {
 
     /// Turns published events into frames in `outbox`.
     pub fn on_published(&mut self, published: &Published) {
-        let ids: Vec<u64> = self.watches.keys().copied().collect();
-        for id in ids {
-            if let Some(mut state) = self.watches.remove(&id) {
-                self.deliver(id, &mut state, &published.events);
-                self.watches.insert(id, state);
-            }
+        // Runs per connection per commit: borrow the fields apart instead of moving watches.
+        for (id, state) in &mut self.watches {
+            deliver(
+                &mut self.outbox,
+                self.max_frame_bytes,
+                *id,
+                state,
+                &published.events,
+            );
         }
     }
 
@@ -226,48 +249,55 @@ impl Watches {
             });
         }
     }
+}
 
-    /// Frames for the events of `events` that `state` wants and has not had, split by size
-    /// only at... anywhere, with `revision_complete` marking frames that end a revision.
-    fn deliver(&mut self, watch_id: u64, state: &mut WatchState, events: &[Event]) {
-        let mut frame: Vec<Event> = Vec::new();
-        let mut bytes = 0;
-        for (i, event) in events.iter().enumerate() {
-            if event.revision < state.next_rev {
-                continue;
-            }
-            if matches(&state.target, &event.kind) {
-                let event = if state.with_data {
-                    event.clone()
-                } else {
-                    without_data(event.clone())
-                };
-                bytes += approx_size(&event);
-                frame.push(event);
-            }
-            let revision_ends = events
-                .get(i + 1)
-                .is_none_or(|next| next.revision != event.revision);
-            if revision_ends {
-                state.next_rev = event.revision + 1;
-            }
-            if bytes >= self.max_frame_bytes.max(1) && !frame.is_empty() {
-                let events = std::mem::take(&mut frame);
-                self.outbox.push(ServerMessage::WatchEvents {
-                    watch_id,
-                    events,
-                    revision_complete: revision_ends,
-                });
-                bytes = 0;
-            }
+/// Queues in `outbox` frames for the events of `events` that `state` wants and has not had,
+/// split by size (anywhere, even inside a revision), with `revision_complete` marking the
+/// frames that end a revision.
+fn deliver(
+    outbox: &mut Vec<ServerMessage>,
+    max_frame_bytes: usize,
+    watch_id: u64,
+    state: &mut WatchState,
+    events: &[Event],
+) {
+    let mut frame: Vec<Event> = Vec::new();
+    let mut bytes = 0;
+    for (i, event) in events.iter().enumerate() {
+        if event.revision < state.next_rev {
+            continue;
         }
-        if !frame.is_empty() {
-            self.outbox.push(ServerMessage::WatchEvents {
+        if matches(&state.target, &event.kind) {
+            let event = if state.with_data {
+                event.clone()
+            } else {
+                without_data(event)
+            };
+            bytes += approx_size(&event);
+            frame.push(event);
+        }
+        let revision_ends = events
+            .get(i + 1)
+            .is_none_or(|next| next.revision != event.revision);
+        if revision_ends {
+            state.next_rev = event.revision + 1;
+        }
+        if bytes >= max_frame_bytes.max(1) && !frame.is_empty() {
+            let events = std::mem::take(&mut frame);
+            outbox.push(ServerMessage::WatchEvents {
                 watch_id,
-                events: frame,
-                revision_complete: true,
+                events,
+                revision_complete: revision_ends,
             });
+            bytes = 0;
         }
+    }
+    if !frame.is_empty() {
+        outbox.push(ServerMessage::WatchEvents {
+            watch_id,
+            events: frame,
+            revision_complete: true,
+        });
     }
 }
 
@@ -331,7 +361,13 @@ mod tests {
             .map(|i| created(3, &format!("/n{i}")))
             .chain([created(1, "/old"), created(4, "/x")])
             .collect();
-        watches.deliver(7, &mut state, &events);
+        deliver(
+            &mut watches.outbox,
+            watches.max_frame_bytes,
+            7,
+            &mut state,
+            &events,
+        );
         let frames: Vec<_> = std::mem::take(&mut watches.outbox);
         let mut seen = 0;
         for (i, frame) in frames.iter().enumerate() {
@@ -359,7 +395,13 @@ mod tests {
         assert!(frames.len() > 2, "split by size");
         assert_eq!(state.next_rev, 5);
         // Delivered again: nothing new.
-        watches.deliver(7, &mut state, &events);
+        deliver(
+            &mut watches.outbox,
+            watches.max_frame_bytes,
+            7,
+            &mut state,
+            &events,
+        );
         assert!(watches.outbox.is_empty());
     }
 }
