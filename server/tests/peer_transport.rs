@@ -1,5 +1,5 @@
-//! The peer transport over loopback: ordering, batching, reconnects, identity checks, frame
-//! limits and hostile bytes. Every transport listens on 127.0.0.1:0; every wait is bounded
+//! The peer transport over loopback: ordering, batching, side messages, client addresses,
+//! reconnects, identity checks, frame limits and hostile bytes. Every transport listens on 127.0.0.1:0; every wait is bounded
 //! and waits for a condition.
 
 use std::collections::BTreeMap;
@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use lockd_protocol::codec::FrameCodec;
+use lockd_protocol::{KeepAliveResult, SessionId};
 use lockd_server::node::peer::{
-    Backoff, PeerConfig, PeerFrame, PeerInfo, PeerMessage, PeerTransport, RefuseReason,
-    PEER_PROTOCOL_VERSION,
+    Backoff, Inbound, PeerConfig, PeerFrame, PeerInfo, PeerMessage, PeerTransport, RefuseReason,
+    SideMessage, MAX_CLIENT_ADDR_LEN, PEER_PROTOCOL_VERSION,
 };
 use lockd_server::raft::{Message, MessageKind, SnapshotMeta};
 use tokio::io::AsyncWriteExt;
@@ -23,6 +24,17 @@ const CLUSTER: u64 = 0xC1;
 
 fn incarnation(id: u64) -> u64 {
     1000 + id
+}
+
+fn client_addr(id: u64) -> String {
+    format!("lockd-{id}.test:7000")
+}
+
+fn keepalive(id: u64, sessions: u64) -> SideMessage {
+    SideMessage::KeepAlive {
+        id,
+        sessions: (1..=sessions).map(SessionId).collect(),
+    }
 }
 
 fn heartbeat(from: u64, to: u64, n: u64) -> Message {
@@ -65,12 +77,13 @@ fn config(id: u64, peers: &BTreeMap<u64, SocketAddr>) -> PeerConfig {
         initial: Duration::from_millis(5),
         max: Duration::from_millis(100),
     };
+    config.client_addr = client_addr(id);
     config
 }
 
 struct TestPeer {
     transport: PeerTransport,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Inbound>,
 }
 
 impl TestPeer {
@@ -80,11 +93,18 @@ impl TestPeer {
         TestPeer { transport, rx }
     }
 
-    async fn recv(&mut self) -> Message {
+    async fn recv_inbound(&mut self) -> Inbound {
         tokio::time::timeout(WAIT, self.rx.recv())
             .await
             .expect("no message in time")
             .expect("inbound closed")
+    }
+
+    async fn recv(&mut self) -> Message {
+        match self.recv_inbound().await {
+            Inbound::Raft(m) => m,
+            other => panic!("expected a Raft message, got {other:?}"),
+        }
     }
 
     fn nothing_received(&mut self) -> bool {
@@ -382,6 +402,7 @@ async fn every_frame_is_checked_against_the_handshake() {
     let hello = PeerMessage::Hello {
         protocol_version: PEER_PROTOCOL_VERSION,
         to: 1,
+        client_addr: "raw-2:1".to_string(),
     };
     raw.send(frame(2, 77, hello)).await.unwrap();
     let ok = next_frame(&mut raw).await.expect("an answer");
@@ -392,9 +413,14 @@ async fn every_frame_is_checked_against_the_handshake() {
             from: 1,
             incarnation: incarnation(1),
             body: PeerMessage::HelloOk {
-                protocol_version: PEER_PROTOCOL_VERSION
+                protocol_version: PEER_PROTOCOL_VERSION,
+                client_addr: client_addr(1),
             },
         }
+    );
+    assert_eq!(
+        a.transport.client_addrs(),
+        BTreeMap::from([(2, "raw-2:1".to_string())])
     );
     // Misaddressed and mis-signed messages are dropped; the good one is delivered.
     let batch = vec![heartbeat(2, 5, 1), heartbeat(3, 1, 2), heartbeat(2, 1, 3)];
@@ -403,6 +429,22 @@ async fn every_frame_is_checked_against_the_handshake() {
         .unwrap();
     assert_eq!(a.recv().await, heartbeat(2, 1, 3));
     assert_eq!(a.transport.stats().dropped_misaddressed, 2);
+    // A side message is attributed to the handshaken peer.
+    let batch = PeerMessage::KeepAliveBatch {
+        id: 4,
+        sessions: vec![SessionId(9)],
+    };
+    raw.send(frame(2, 77, batch)).await.unwrap();
+    assert_eq!(
+        a.recv_inbound().await,
+        Inbound::Side {
+            from: 2,
+            message: SideMessage::KeepAlive {
+                id: 4,
+                sessions: vec![SessionId(9)]
+            }
+        }
+    );
     // Another incarnation on the same connection closes it with a reason.
     raw.send(frame(2, 78, PeerMessage::Batch(vec![heartbeat(2, 1, 4)])))
         .await
@@ -470,4 +512,164 @@ async fn a_down_peer_keeps_only_the_newest_messages() {
     }
     a.transport.send(vec![heartbeat(1, 2, 100)]);
     assert_eq!(b.recv().await, heartbeat(1, 2, 100));
+}
+
+#[tokio::test]
+async fn side_messages_make_a_round_trip_with_their_sender() {
+    let (mut peers, _) = cluster(&[1, 2]).await;
+    peers[0].transport.send_side(2, keepalive(5, 3));
+    peers[0].transport.send_side(9, keepalive(6, 1));
+    assert_eq!(
+        peers[1].recv_inbound().await,
+        Inbound::Side {
+            from: 1,
+            message: keepalive(5, 3)
+        }
+    );
+    let ack = SideMessage::KeepAliveAck {
+        id: 5,
+        results: vec![
+            (SessionId(1), KeepAliveResult::Ok { ttl_ms: 10_000 }),
+            (SessionId(2), KeepAliveResult::Expired),
+            (SessionId(3), KeepAliveResult::Ok { ttl_ms: 5_000 }),
+        ],
+    };
+    peers[1].transport.send_side(1, ack.clone());
+    assert_eq!(
+        peers[0].recv_inbound().await,
+        Inbound::Side {
+            from: 2,
+            message: ack
+        }
+    );
+    let (a, b) = (peers[0].transport.stats(), peers[1].transport.stats());
+    assert_eq!((a.side_messages_sent, a.side_messages_delivered), (1, 1));
+    assert_eq!((b.side_messages_sent, b.side_messages_delivered), (1, 1));
+    assert_eq!(a.dropped_unknown_peer, 1);
+    assert_eq!((a.messages_sent, b.messages_delivered), (0, 0));
+}
+
+#[tokio::test]
+async fn side_messages_keep_their_place_among_raft_messages() {
+    let (mut peers, _) = cluster(&[1, 2]).await;
+    // Queued before and after the connection is up: either way the order is the queue's.
+    for round in 0..2u64 {
+        let base = round * 1000;
+        for n in 0..50 {
+            peers[0].transport.send(vec![heartbeat(1, 2, base + n)]);
+        }
+        peers[0].transport.send_side(2, keepalive(base + 1, 2));
+        peers[0].transport.send_side(2, keepalive(base + 2, 1));
+        peers[0]
+            .transport
+            .send((50..100).map(|n| heartbeat(1, 2, base + n)).collect());
+        peers[0].transport.send_side(2, keepalive(base + 3, 4));
+        let b = &mut peers[1];
+        for n in 0..50 {
+            assert_eq!(b.recv().await, heartbeat(1, 2, base + n));
+        }
+        for id in 1..=2 {
+            let expected = keepalive(base + id, 3 - id);
+            assert_eq!(
+                b.recv_inbound().await,
+                Inbound::Side {
+                    from: 1,
+                    message: expected
+                }
+            );
+        }
+        for n in 50..100 {
+            assert_eq!(b.recv().await, heartbeat(1, 2, base + n));
+        }
+        assert_eq!(
+            b.recv_inbound().await,
+            Inbound::Side {
+                from: 1,
+                message: keepalive(base + 3, 4)
+            }
+        );
+    }
+    assert!(peers[1].rx.try_recv().is_err());
+    assert_eq!(peers[1].transport.stats().side_messages_delivered, 6);
+}
+
+#[tokio::test]
+async fn an_oversized_side_message_is_dropped_and_later_ones_arrive() {
+    let mut addrs = BTreeMap::new();
+    let (l1, l2) = (listener().await, listener().await);
+    addrs.insert(1, l1.local_addr().unwrap());
+    addrs.insert(2, l2.local_addr().unwrap());
+    let small = |id| {
+        let mut c = config(id, &addrs);
+        c.max_frame = 4096;
+        c
+    };
+    let a = TestPeer::start(small(1), l1);
+    let mut b = TestPeer::start(small(2), l2);
+    a.transport.send_side(2, keepalive(1, 5000));
+    a.transport.send(vec![heartbeat(1, 2, 1)]);
+    a.transport.send_side(2, keepalive(2, 10));
+    assert_eq!(b.recv().await, heartbeat(1, 2, 1));
+    assert_eq!(
+        b.recv_inbound().await,
+        Inbound::Side {
+            from: 1,
+            message: keepalive(2, 10)
+        }
+    );
+    assert_eq!(a.transport.stats().dropped_oversized, 1);
+    assert_eq!(b.transport.stats().malformed_connections, 0);
+}
+
+#[tokio::test]
+async fn client_addresses_are_learned_from_both_handshake_frames() {
+    // Peer 2 cannot reach peer 1, so the only connection is 1 → 2: peer 2 learns 1's address
+    // from the Hello, peer 1 learns 2's from the HelloOk.
+    let (l1, l2, nowhere) = (listener().await, listener().await, listener().await);
+    let (addr1, addr2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+    let unreachable = nowhere.local_addr().unwrap();
+    drop(nowhere);
+    let a = TestPeer::start(config(1, &BTreeMap::from([(1, addr1), (2, addr2)])), l1);
+    let mut b = TestPeer::start(
+        config(2, &BTreeMap::from([(1, unreachable), (2, addr2)])),
+        l2,
+    );
+    a.transport.send(vec![heartbeat(1, 2, 1)]);
+    assert_eq!(b.recv().await, heartbeat(1, 2, 1));
+    assert_eq!(a.transport.stats().handshakes_accepted, 0);
+    assert_eq!(
+        a.transport.client_addrs(),
+        BTreeMap::from([(2, client_addr(2))])
+    );
+    assert_eq!(
+        b.transport.client_addrs(),
+        BTreeMap::from([(1, client_addr(1))])
+    );
+    // A peer that is no longer configured is forgotten.
+    a.transport.set_peers(BTreeMap::new());
+    assert!(a.transport.client_addrs().is_empty());
+}
+
+#[tokio::test]
+async fn an_overlong_client_address_is_refused() {
+    let (l1, silent) = (listener().await, listener().await);
+    let addr1 = l1.local_addr().unwrap();
+    let addrs = BTreeMap::from([(1, addr1), (2, silent.local_addr().unwrap())]);
+    let a = TestPeer::start(config(1, &addrs), l1);
+    let stream = TcpStream::connect(addr1).await.unwrap();
+    let mut raw: RawPeer = Framed::new(stream, FrameCodec::new(1 << 20));
+    let hello = PeerMessage::Hello {
+        protocol_version: PEER_PROTOCOL_VERSION,
+        to: 1,
+        client_addr: "x".repeat(MAX_CLIENT_ADDR_LEN + 1),
+    };
+    raw.send(frame(2, 77, hello)).await.unwrap();
+    let refused = next_frame(&mut raw).await.expect("a refusal");
+    let reason = RefuseReason::ClientAddrTooLong {
+        len: MAX_CLIENT_ADDR_LEN as u64 + 1,
+        max: MAX_CLIENT_ADDR_LEN as u64,
+    };
+    assert_eq!(refused.body, PeerMessage::Refused { reason });
+    assert!(a.transport.client_addrs().is_empty());
+    assert_eq!(a.transport.stats().handshakes_accepted, 0);
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use lockd_protocol::{CreateOp, Error, ReadOp, Reply, SessionId, SessionSeq, WriteOp};
 use lockd_server::fsm::Command;
-use lockd_server::node::peer::{Backoff, PeerConfig, PeerInfo, PeerTransport};
+use lockd_server::node::peer::{Backoff, Inbound, PeerConfig, PeerInfo, PeerTransport};
 use lockd_server::node::replicated::{Outbox, ReplicatedConfig, ReplicatedNode};
 use lockd_server::raft::Message;
 use lockd_server::storage::backend::LossyBackend;
@@ -91,7 +91,7 @@ impl Cluster {
             initial: Duration::from_millis(5),
             max: Duration::from_millis(100),
         };
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel::<Inbound>(4096);
         let transport =
             Arc::new(PeerTransport::start(peer_config, listener, tx).expect("transport"));
         let storage = Storage::with_backend(backend.clone(), 1000).expect("storage");

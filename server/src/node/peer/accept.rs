@@ -1,7 +1,8 @@
 //! The accepting side of the peer transport: the accept loop, the acceptor's half of the
-//! handshake, and the reader that checks every frame against the handshake and hands Raft
-//! messages to `inbound`. It never writes after `HelloOk` except to refuse, and it never
-//! delivers a message that is not addressed to this node by the handshaken peer.
+//! handshake (which learns the dialer's client address), and the reader that checks every
+//! frame against the handshake and hands Raft and side messages to `inbound`. It never writes
+//! after `HelloOk` except to refuse, it never delivers a Raft message that is not addressed
+//! to this node by the handshaken peer, and it attributes every side message to that peer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    bump, check_identity, lock, read_frame, spawn_cancellable, PeerError, PeerFrame, PeerMessage,
-    PeerReader, RefuseReason, Shared, PEER_PROTOCOL_VERSION,
+    bump, check_identity, lock, read_frame, spawn_cancellable, Inbound, PeerError, PeerFrame,
+    PeerMessage, PeerReader, RefuseReason, Shared, SideMessage, PEER_PROTOCOL_VERSION,
 };
 
 pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
@@ -67,12 +68,16 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellat
     tracing::Span::current().record("peer", peer);
     let ok = PeerMessage::HelloOk {
         protocol_version: PEER_PROTOCOL_VERSION,
+        client_addr: shared.client_addr.clone(),
     };
     if let Err(e) = shared.write_frame(&mut write, ok).await {
         tracing::debug!(error = %e, "peer handshake failed");
         return;
     }
     bump(&shared.counters.handshakes_accepted, 1);
+    if let PeerMessage::Hello { client_addr, .. } = &hello.body {
+        shared.learn_client_addr(peer, client_addr);
+    }
     // A newer connection from the same peer replaces the old one (its dialer restarted).
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     if let Some((_, old)) = lock(&shared.accepted).insert(peer, (conn, cancel)) {
@@ -104,6 +109,7 @@ fn check_hello(shared: &Shared, hello: &PeerFrame) -> Option<RefuseReason> {
     let PeerMessage::Hello {
         protocol_version,
         to,
+        ref client_addr,
     } = hello.body
     else {
         return Some(RefuseReason::ExpectedHello {
@@ -132,7 +138,14 @@ fn check_hello(shared: &Shared, hello: &PeerFrame) -> Option<RefuseReason> {
             None => return Some(RefuseReason::UnknownNode { id: hello.from }),
         }
     };
-    check_identity(shared, hello, expected, hello.from, protocol_version)
+    check_identity(
+        shared,
+        hello,
+        expected,
+        hello.from,
+        protocol_version,
+        client_addr,
+    )
 }
 
 /// Reads frames after the handshake until the peer closes or breaks a rule.
@@ -154,7 +167,7 @@ async fn receive(
                 incarnation: frame.incarnation,
             }));
         }
-        match frame.body {
+        let message = match frame.body {
             PeerMessage::Batch(messages) => {
                 bump(&shared.counters.batch_frames_received, 1);
                 for message in messages {
@@ -167,14 +180,16 @@ async fn receive(
                         );
                         continue;
                     }
-                    if shared.inbound.send(message).await.is_err() {
+                    if shared.inbound.send(Inbound::Raft(message)).await.is_err() {
                         return Ok(()); // Nobody listens any more.
                     }
                     bump(&shared.counters.messages_delivered, 1);
                 }
+                continue;
             }
-            PeerMessage::KeepAliveBatch { .. } | PeerMessage::KeepAliveBatchAck { .. } => {
-                tracing::debug!(kind = frame.body.name(), "keepalive frames not routed yet");
+            PeerMessage::KeepAliveBatch { id, sessions } => SideMessage::KeepAlive { id, sessions },
+            PeerMessage::KeepAliveBatchAck { id, results } => {
+                SideMessage::KeepAliveAck { id, results }
             }
             PeerMessage::Refused { reason } => return Err(PeerError::RefusedByPeer(reason)),
             other @ (PeerMessage::Hello { .. } | PeerMessage::HelloOk { .. }) => {
@@ -182,7 +197,15 @@ async fn receive(
                     got: other.name().to_string(),
                 }));
             }
+        };
+        let side = Inbound::Side {
+            from: hello.from,
+            message,
+        };
+        if shared.inbound.send(side).await.is_err() {
+            return Ok(()); // Nobody listens any more.
         }
+        bump(&shared.counters.side_messages_delivered, 1);
     }
     Err(PeerError::Closed)
 }

@@ -1,27 +1,33 @@
-//! The peer transport: carries Raft messages between lockd nodes over TCP.
+//! The peer transport: carries Raft messages, and the side messages of keepalive forwarding
+//! (DESIGN §3a.4), between lockd nodes over TCP.
 //!
 //! One ordered connection per peer and direction, like etcd's stream: this node *dials* each
 //! peer and only writes on that connection; peers dial us and we only read from the
-//! connections we *accept*. [`PeerTransport::send`] is non-blocking: it appends to a bounded
-//! per-peer queue (the oldest messages are dropped when it is full, e.g. while a peer is down;
-//! Raft tolerates loss) and wakes that peer's writer task, which connects with exponential
-//! backoff and jitter, handshakes, and drains everything queued into as few frames as the
-//! frame limit allows ([`split_batches`]).
+//! connections we *accept*. [`PeerTransport::send`] and [`PeerTransport::send_side`] are
+//! non-blocking: they append to a bounded per-peer queue shared by both kinds (the oldest
+//! messages are dropped when it is full, e.g. while a peer is down; Raft tolerates loss, and
+//! a lost keepalive batch is retried by its owner) and wake that peer's writer task, which
+//! connects with exponential backoff and jitter, handshakes, and drains the queue in order:
+//! consecutive Raft messages in as few `Batch` frames as the frame limit allows
+//! ([`split_batches`]), each [`SideMessage`] in a frame of its own between them. A message too
+//! large for a frame on its own is dropped and counted.
 //!
 //! The handshake and every later frame are checked against the cluster id, the sender's node
 //! id and its incarnation (DESIGN §3a.9); a mismatch closes the connection with a typed
 //! [`RefuseReason`], sent to the other side, logged, and kept in [`PeerTransport::refusals`].
-//! Received messages whose `to` is not this node or whose `from` is not the handshaken peer are
-//! dropped; the rest go to the `inbound` channel in the order they arrived.
+//! Both handshake frames also carry the sender's client address (at most
+//! [`MAX_CLIENT_ADDR_LEN`] bytes), collected in [`PeerTransport::client_addrs`].
+//! Received Raft messages whose `to` is not this node or whose `from` is not the handshaken
+//! peer are dropped; side messages are attributed to the handshaken peer. Everything else goes
+//! to the `inbound` channel as an [`Inbound`], in the order each peer sent it.
 //!
-//! What this module must not do: interpret Raft messages (the core validates them), block the
-//! caller of `send`, hold more than its queue bounds (messages and bytes) per peer, allocate
-//! for a frame longer than the limit, or trust anything it reads.
-//! Keepalive batches ([`PeerMessage::KeepAliveBatch`]) are defined on the wire but not routed
-//! yet: received ones are logged and dropped until the driver consumes them.
+//! What this module must not do: interpret Raft or side messages (their owner validates
+//! them), block the caller of `send`, hold more than its queue bounds (messages and bytes)
+//! per peer, allocate for a frame longer than the limit, or trust anything it reads.
 
 mod accept;
 mod wire;
+mod writer;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -32,9 +38,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use lockd_protocol::codec::{encode_frame, FrameCodec, FrameError};
+use lockd_protocol::{KeepAliveResult, SessionId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -44,14 +51,44 @@ use tracing::Instrument;
 use crate::raft::Message;
 pub use wire::{
     message_size, peer_frame_limit, split_batches, PeerFrame, PeerMessage, RefuseReason,
-    BATCH_FRAME_OVERHEAD, PEER_FRAME_HEADROOM, PEER_PROTOCOL_VERSION,
+    BATCH_FRAME_OVERHEAD, MAX_CLIENT_ADDR_LEN, PEER_FRAME_HEADROOM, PEER_PROTOCOL_VERSION,
 };
+use writer::Outgoing;
 
 /// How many refusals [`PeerTransport::refusals`] remembers.
 const REFUSALS_KEPT: usize = 32;
 
-/// Encoded frames are written once this many bytes have accumulated.
-const WRITE_CHUNK: usize = 1024 * 1024;
+/// Non-Raft messages between nodes (keepalive forwarding, DESIGN §3a.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SideMessage {
+    /// A follower's keepalives of one tick, for the leader.
+    KeepAlive { id: u64, sessions: Vec<SessionId> },
+    /// The leader's answer to a `KeepAlive` batch, one result per session in order.
+    KeepAliveAck {
+        id: u64,
+        results: Vec<(SessionId, KeepAliveResult)>,
+    },
+}
+
+impl From<SideMessage> for PeerMessage {
+    fn from(message: SideMessage) -> PeerMessage {
+        match message {
+            SideMessage::KeepAlive { id, sessions } => PeerMessage::KeepAliveBatch { id, sessions },
+            SideMessage::KeepAliveAck { id, results } => {
+                PeerMessage::KeepAliveBatchAck { id, results }
+            }
+        }
+    }
+}
+
+/// What the transport delivers to its owner, in arrival order per peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A Raft message addressed to this node by the peer that sent it.
+    Raft(Message),
+    /// A side message from peer `from` (the node id of the connection's handshake).
+    Side { from: u64, message: SideMessage },
+}
 
 /// Where a peer listens, and the incarnation it must present if known.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,6 +165,9 @@ pub struct PeerConfig {
     /// Time allowed for connecting, for each step of the handshake and for each write; a
     /// peer that stops reading for longer is disconnected.
     pub io_timeout: Duration,
+    /// This node's client address, told to peers in the handshake (empty: none). Longer
+    /// than [`MAX_CLIENT_ADDR_LEN`] bytes makes peers refuse us.
+    pub client_addr: String,
 }
 
 impl PeerConfig {
@@ -148,6 +188,7 @@ impl PeerConfig {
             queue_len: 8192,
             queue_bytes: 64 * 1024 * 1024,
             io_timeout: Duration::from_secs(5),
+            client_addr: String::new(),
         }
     }
 }
@@ -192,15 +233,19 @@ pub struct PeerStats {
     pub batch_frames_received: u64,
     /// Raft messages handed to `inbound`.
     pub messages_delivered: u64,
+    /// Side messages written by our dialers (one frame each).
+    pub side_messages_sent: u64,
+    /// Side messages handed to `inbound`.
+    pub side_messages_delivered: u64,
     /// Handshakes our dialers completed.
     pub handshakes_dialed: u64,
     /// Handshakes we accepted.
     pub handshakes_accepted: u64,
-    /// Messages dropped from a full queue.
+    /// Messages (Raft or side) dropped from a full queue.
     pub dropped_queue_full: u64,
-    /// Messages to nodes that are not peers.
+    /// Messages (Raft or side) to nodes that are not peers.
     pub dropped_unknown_peer: u64,
-    /// Messages too large for a frame on their own.
+    /// Messages (Raft or side) too large for a frame on their own.
     pub dropped_oversized: u64,
     /// Received messages not addressed to us or not from the handshaken peer.
     pub dropped_misaddressed: u64,
@@ -214,6 +259,8 @@ struct Counters {
     messages_sent: AtomicU64,
     batch_frames_received: AtomicU64,
     messages_delivered: AtomicU64,
+    side_messages_sent: AtomicU64,
+    side_messages_delivered: AtomicU64,
     handshakes_dialed: AtomicU64,
     handshakes_accepted: AtomicU64,
     dropped_queue_full: AtomicU64,
@@ -234,7 +281,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Messages waiting for a peer's writer, with their encoded sizes.
 #[derive(Debug, Default)]
 struct Queue {
-    messages: VecDeque<(usize, Message)>,
+    messages: VecDeque<(usize, Outgoing)>,
     /// Sum of the sizes in `messages` (saturating).
     bytes: usize,
 }
@@ -242,7 +289,7 @@ struct Queue {
 impl Queue {
     /// Appends, then drops the oldest messages while over either bound; returns how many
     /// were dropped.
-    fn push(&mut self, size: usize, message: Message, max_len: usize, max_bytes: usize) -> u64 {
+    fn push(&mut self, size: usize, message: Outgoing, max_len: usize, max_bytes: usize) -> u64 {
         self.messages.push_back((size, message));
         self.bytes = self.bytes.saturating_add(size);
         let mut dropped = 0;
@@ -255,7 +302,7 @@ impl Queue {
         dropped
     }
 
-    fn take(&mut self) -> VecDeque<(usize, Message)> {
+    fn take(&mut self) -> VecDeque<(usize, Outgoing)> {
         self.bytes = 0;
         std::mem::take(&mut self.messages)
     }
@@ -285,11 +332,14 @@ struct Shared {
     queue_len: usize,
     queue_bytes: usize,
     io_timeout: Duration,
+    client_addr: String,
     peers: Mutex<BTreeMap<u64, Arc<PeerSlot>>>,
+    /// Client addresses learned from handshakes, by peer id (only current peers).
+    client_addrs: Mutex<BTreeMap<u64, String>>,
     /// Accepted connection per peer id: (connection number, its cancel token).
     accepted: Mutex<BTreeMap<u64, (u64, CancellationToken)>>,
     next_conn: AtomicU64,
-    inbound: mpsc::Sender<Message>,
+    inbound: mpsc::Sender<Inbound>,
     counters: Counters,
     refusals: Mutex<VecDeque<Refusal>>,
     cancel: CancellationToken,
@@ -309,7 +359,7 @@ impl PeerTransport {
     pub async fn bind(
         config: PeerConfig,
         addr: SocketAddr,
-        inbound: mpsc::Sender<Message>,
+        inbound: mpsc::Sender<Inbound>,
     ) -> std::io::Result<PeerTransport> {
         let listener = TcpListener::bind(addr).await?;
         PeerTransport::start(config, listener, inbound)
@@ -320,7 +370,7 @@ impl PeerTransport {
     pub fn start(
         config: PeerConfig,
         listener: TcpListener,
-        inbound: mpsc::Sender<Message>,
+        inbound: mpsc::Sender<Inbound>,
     ) -> std::io::Result<PeerTransport> {
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -332,7 +382,9 @@ impl PeerTransport {
             queue_len: config.queue_len.max(1),
             queue_bytes: config.queue_bytes,
             io_timeout: config.io_timeout,
+            client_addr: config.client_addr,
             peers: Mutex::new(BTreeMap::new()),
+            client_addrs: Mutex::new(BTreeMap::new()),
             accepted: Mutex::new(BTreeMap::new()),
             next_conn: AtomicU64::new(1),
             inbound,
@@ -368,9 +420,7 @@ impl PeerTransport {
                 continue;
             };
             let size = message_size(&message).unwrap_or(usize::MAX);
-            let dropped =
-                lock(&slot.queue).push(size, message, shared.queue_len, shared.queue_bytes);
-            bump(&shared.counters.dropped_queue_full, dropped);
+            shared.enqueue(slot, size, Outgoing::Raft(message));
             if !woken.iter().any(|w| w.id == slot.id) {
                 woken.push(slot);
             }
@@ -378,6 +428,31 @@ impl PeerTransport {
         for slot in woken {
             slot.wake.notify_one();
         }
+    }
+
+    /// Queues a side message for peer `to` on the same ordered connection as its Raft
+    /// messages, and wakes its writer. Never blocks; callable from any thread. Dropped
+    /// (counted) if `to` is unknown; subject to the same queue bounds as Raft messages, and
+    /// dropped (counted) by the writer if it does not fit a frame on its own.
+    pub fn send_side(&self, to: u64, message: SideMessage) {
+        let shared = &self.shared;
+        let peers = lock(&shared.peers);
+        let Some(slot) = peers.get(&to) else {
+            bump(&shared.counters.dropped_unknown_peer, 1);
+            tracing::debug!(to, "side message for an unknown peer dropped");
+            return;
+        };
+        let body = PeerMessage::from(message);
+        let size = wire::encoded_size(&body).unwrap_or(usize::MAX);
+        shared.enqueue(slot, size, Outgoing::Side(body));
+        slot.wake.notify_one();
+    }
+
+    /// Client addresses of peers, learned from handshakes (the `Hello`s we accepted and the
+    /// `HelloOk`s our dialers received), by node id. Excludes this node, peers that told none
+    /// and peers no longer configured.
+    pub fn client_addrs(&self) -> BTreeMap<u64, String> {
+        lock(&self.shared.client_addrs).clone()
     }
 
     /// Replaces the set of peers: new ones get a writer, removed ones lose theirs (and their
@@ -392,6 +467,7 @@ impl PeerTransport {
             }
             keep
         });
+        lock(&shared.client_addrs).retain(|id, _| slots.contains_key(id));
         for (&id, &info) in peers.iter().filter(|(&id, _)| id != shared.id) {
             if let Some(slot) = slots.get(&id) {
                 let mut current = lock(&slot.info);
@@ -412,7 +488,7 @@ impl PeerTransport {
             });
             slots.insert(id, slot.clone());
             let span = tracing::info_span!("peer_writer", node = shared.id, peer = id);
-            let task = run_writer(shared.clone(), slot.clone());
+            let task = writer::run_writer(shared.clone(), slot.clone());
             spawn_cancellable(shared, slot.cancel.clone(), task, span);
         }
     }
@@ -426,6 +502,8 @@ impl PeerTransport {
             messages_sent: get(&c.messages_sent),
             batch_frames_received: get(&c.batch_frames_received),
             messages_delivered: get(&c.messages_delivered),
+            side_messages_sent: get(&c.side_messages_sent),
+            side_messages_delivered: get(&c.side_messages_delivered),
             handshakes_dialed: get(&c.handshakes_dialed),
             handshakes_accepted: get(&c.handshakes_accepted),
             dropped_queue_full: get(&c.dropped_queue_full),
@@ -488,6 +566,28 @@ impl Shared {
         });
     }
 
+    /// Appends to `slot`'s queue within the bounds, counting what that drops. The caller
+    /// wakes the writer.
+    fn enqueue(&self, slot: &PeerSlot, size: usize, message: Outgoing) {
+        let dropped = lock(&slot.queue).push(size, message, self.queue_len, self.queue_bytes);
+        bump(&self.counters.dropped_queue_full, dropped);
+    }
+
+    /// Records the client address `peer` told in its handshake (already checked against
+    /// [`MAX_CLIENT_ADDR_LEN`]); an empty one forgets it. Ignored for non-peers.
+    fn learn_client_addr(&self, peer: u64, client_addr: &str) {
+        let peers = lock(&self.peers);
+        if peer == self.id || !peers.contains_key(&peer) {
+            return;
+        }
+        let mut addrs = lock(&self.client_addrs);
+        if client_addr.is_empty() {
+            addrs.remove(&peer);
+        } else if addrs.get(&peer).map(String::as_str) != Some(client_addr) {
+            addrs.insert(peer, client_addr.to_string());
+        }
+    }
+
     fn frame(&self, body: PeerMessage) -> PeerFrame {
         PeerFrame {
             cluster_id: self.cluster_id,
@@ -546,102 +646,14 @@ async fn read_frame(shared: &Shared, reader: &mut PeerReader) -> Result<PeerFram
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Dialing side: one writer task per peer.
-
-async fn run_writer(shared: Arc<Shared>, slot: Arc<PeerSlot>) {
-    let mut attempt = 0u32;
-    loop {
-        let generation = slot.generation.load(Ordering::Acquire);
-        let info = *lock(&slot.info);
-        let span = tracing::info_span!("peer_conn", dir = "out", peer = slot.id, addr = %info.addr);
-        let outcome = async {
-            let (reader, write) = dial(&shared, slot.id, info).await?;
-            tracing::debug!("connected");
-            bump(&shared.counters.handshakes_dialed, 1);
-            attempt = 0;
-            stream_to_peer(&shared, &slot, generation, reader, write).await
-        }
-        .instrument(span.clone())
-        .await;
-        match outcome {
-            Ok(()) => {}
-            Err(PeerError::RefusedByPeer(reason)) => {
-                shared.record_refusal(Some(slot.id), false, reason)
-            }
-            Err(PeerError::Refused(reason)) => shared.record_refusal(Some(slot.id), true, reason),
-            Err(e) => {
-                span.in_scope(|| tracing::debug!(error = %e, attempt, "peer connection ended"))
-            }
-        }
-        if slot.generation.load(Ordering::Acquire) != generation {
-            continue; // New address: dial it now.
-        }
-        let delay = shared.backoff.delay(attempt);
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = address_changed(&slot, generation) => {}
-        }
-    }
-}
-
-/// Resolves once the slot's address changes. Consumes wake-ups meant for queued messages,
-/// which is harmless: the queue is drained as soon as a connection is up.
-async fn address_changed(slot: &PeerSlot, generation: u64) {
-    while slot.generation.load(Ordering::Acquire) == generation {
-        slot.wake.notified().await;
-    }
-}
-
-/// Connects to `peer` and completes the handshake as the dialer.
-async fn dial(
-    shared: &Shared,
-    peer: u64,
-    info: PeerInfo,
-) -> Result<(PeerReader, OwnedWriteHalf), PeerError> {
-    let stream = tokio::time::timeout(shared.io_timeout, TcpStream::connect(info.addr))
-        .await
-        .map_err(|_| PeerError::Timeout)??;
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut reader = FramedRead::new(read, shared.codec());
-    let hello = PeerMessage::Hello {
-        protocol_version: PEER_PROTOCOL_VERSION,
-        to: peer,
-    };
-    shared.write_frame(&mut write, hello).await?;
-    let answer = read_frame(shared, &mut reader).await?;
-    let reason = match answer.body {
-        PeerMessage::Refused { reason } => return Err(PeerError::RefusedByPeer(reason)),
-        PeerMessage::HelloOk { protocol_version } => {
-            check_identity(shared, &answer, info.incarnation, peer, protocol_version)
-        }
-        other => Some(RefuseReason::Unexpected {
-            got: other.name().to_string(),
-        }),
-    };
-    if let Some(reason) = reason {
-        let _ = shared
-            .write_frame(
-                &mut write,
-                PeerMessage::Refused {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-        return Err(PeerError::Refused(reason));
-    }
-    Ok((reader, write))
-}
-
-/// Checks a handshake frame's envelope against what we expect of `peer`.
+/// Checks a handshake frame's envelope and client address against what we expect of `peer`.
 fn check_identity(
     shared: &Shared,
     frame: &PeerFrame,
     expected_incarnation: Option<u64>,
     peer: u64,
     protocol_version: u32,
+    client_addr: &str,
 ) -> Option<RefuseReason> {
     if protocol_version != PEER_PROTOCOL_VERSION {
         return Some(RefuseReason::ProtocolVersion {
@@ -661,86 +673,20 @@ fn check_identity(
             me: frame.from,
         });
     }
-    match expected_incarnation {
-        Some(expected) if expected != frame.incarnation => Some(RefuseReason::WrongIncarnation {
+    if let Some(expected) = expected_incarnation.filter(|&e| e != frame.incarnation) {
+        return Some(RefuseReason::WrongIncarnation {
             id: peer,
             expected,
             got: frame.incarnation,
-        }),
-        _ => None,
+        });
     }
-}
-
-/// Sends queued messages until the connection fails, the address changes or the peer
-/// closes. The acceptor never writes after its `HelloOk` except to refuse, so anything read
-/// ends the connection.
-async fn stream_to_peer(
-    shared: &Shared,
-    slot: &PeerSlot,
-    generation: u64,
-    mut reader: PeerReader,
-    mut write: OwnedWriteHalf,
-) -> Result<(), PeerError> {
-    let mut buf = BytesMut::new();
-    loop {
-        if slot.generation.load(Ordering::Acquire) != generation {
-            // Keep the queue for the new address rather than write it to the old one.
-            tracing::info!("peer address changed; reconnecting");
-            return Ok(());
-        }
-        let queued = lock(&slot.queue).take();
-        if !queued.is_empty() {
-            let (batches, oversized) = wire::split_sized(queued, shared.max_frame);
-            if !oversized.is_empty() {
-                bump(&shared.counters.dropped_oversized, oversized.len() as u64);
-                tracing::warn!(
-                    count = oversized.len(),
-                    max_frame = shared.max_frame,
-                    "messages larger than a peer frame dropped"
-                );
-            }
-            let (frames, messages) = (
-                batches.len() as u64,
-                batches.iter().map(Vec::len).sum::<usize>(),
-            );
-            buf.clear();
-            for batch in batches {
-                encode_frame(
-                    &shared.frame(PeerMessage::Batch(batch)),
-                    shared.max_frame,
-                    &mut buf,
-                )?;
-                // Write every MiB or so rather than encode a whole large queue at once.
-                if buf.len() >= WRITE_CHUNK {
-                    shared.write_all(&mut write, &buf).await?;
-                    buf.clear();
-                }
-            }
-            shared.write_all(&mut write, &buf).await?;
-            bump(&shared.counters.batch_frames_sent, frames);
-            bump(&shared.counters.messages_sent, messages as u64);
-            // Do not keep a large buffer around for a connection that is mostly idle.
-            if buf.capacity() > 2 * WRITE_CHUNK {
-                buf = BytesMut::new();
-            }
-            continue;
-        }
-        tokio::select! {
-            _ = slot.wake.notified() => {}
-            frame = reader.next() => {
-                return match frame {
-                    None => Err(PeerError::Closed),
-                    Some(Err(e)) => Err(e.into()),
-                    Some(Ok(PeerFrame { body: PeerMessage::Refused { reason }, .. })) => {
-                        Err(PeerError::RefusedByPeer(reason))
-                    }
-                    Some(Ok(frame)) => Err(PeerError::Refused(RefuseReason::Unexpected {
-                        got: frame.body.name().to_string(),
-                    })),
-                };
-            }
-        }
+    if client_addr.len() > MAX_CLIENT_ADDR_LEN {
+        return Some(RefuseReason::ClientAddrTooLong {
+            len: client_addr.len() as u64,
+            max: MAX_CLIENT_ADDR_LEN as u64,
+        });
     }
+    None
 }
 
 #[cfg(test)]
@@ -748,13 +694,13 @@ mod tests {
     use super::*;
     use crate::raft::MessageKind;
 
-    fn message(n: u64) -> Message {
-        Message {
+    fn message(n: u64) -> Outgoing {
+        Outgoing::Raft(Message {
             from: 1,
             to: 2,
             term: n,
             kind: MessageKind::TimeoutNow,
-        }
+        })
     }
 
     #[test]
@@ -762,7 +708,14 @@ mod tests {
         let mut queue = Queue::default();
         let dropped: u64 = (0..10).map(|n| queue.push(10, message(n), 4, 1000)).sum();
         assert_eq!(dropped, 6);
-        let kept: Vec<u64> = queue.messages.iter().map(|(_, m)| m.term).collect();
+        let kept: Vec<u64> = queue
+            .messages
+            .iter()
+            .map(|(_, m)| match m {
+                Outgoing::Raft(m) => m.term,
+                Outgoing::Side(_) => u64::MAX,
+            })
+            .collect();
         assert_eq!(kept, vec![6, 7, 8, 9]);
         assert_eq!(queue.bytes, 40);
         assert_eq!(queue.push(35, message(10), 4, 50), 3);

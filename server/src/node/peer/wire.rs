@@ -17,7 +17,11 @@ use lockd_protocol::{KeepAliveResult, SessionId};
 use crate::raft::Message;
 
 /// Version of the peer protocol; a dialer with another version is refused.
-pub const PEER_PROTOCOL_VERSION: u32 = 1;
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
+
+/// Longest client address a handshake may carry, in bytes (a DNS name of 253 bytes and a
+/// port fit with room to spare); a longer one is refused.
+pub const MAX_CLIENT_ADDR_LEN: usize = 512;
 
 /// Bytes the peer frame limit adds on top of the client frame limit (§3a.14): room for the
 /// envelope and the AppendEntries header around the largest entry a client may propose.
@@ -25,7 +29,7 @@ pub const PEER_FRAME_HEADROOM: usize = 64 * 1024;
 
 /// Upper bound on the encoded size of a [`PeerFrame`] around a batch, excluding the
 /// messages themselves: three u64 varints (≤ 9 bytes each), the variant tag and the vector
-/// length, with margin.
+/// length, with margin. It also bounds the envelope around any other message.
 pub const BATCH_FRAME_OVERHEAD: usize = 64;
 
 /// The peer frame limit for a given client frame limit: client limit + headroom, clamped to
@@ -60,11 +64,17 @@ pub enum PeerMessage {
         /// The node id the dialer believes it is talking to (catches misconfigured
         /// addresses).
         to: u64,
+        /// The dialer's client address (empty if not configured), at most
+        /// [`MAX_CLIENT_ADDR_LEN`] bytes.
+        client_addr: String,
     },
     /// The acceptor's answer to an acceptable `Hello`; its identity is in the envelope.
     HelloOk {
         /// The acceptor's [`PEER_PROTOCOL_VERSION`].
         protocol_version: u32,
+        /// The acceptor's client address (empty if not configured), at most
+        /// [`MAX_CLIENT_ADDR_LEN`] bytes.
+        client_addr: String,
     },
     /// The connection is refused or closed, and why. The sender closes right after it.
     Refused {
@@ -129,12 +139,19 @@ pub enum RefuseReason {
     Unexpected { got: String },
     #[error("a newer connection from the same peer replaced this one")]
     Replaced,
+    #[error("client address of {len} bytes is longer than {max}")]
+    ClientAddrTooLong { len: u64, max: u64 },
 }
 
 /// Encoded size of `message` on the wire, or `None` if it cannot be encoded.
 pub fn message_size(message: &Message) -> Option<usize> {
+    encoded_size(message)
+}
+
+/// Encoded size of anything on the wire, or `None` if it cannot be encoded.
+pub(super) fn encoded_size(value: &impl Encode) -> Option<usize> {
     let mut size = SizeWriter::default();
-    bincode::encode_into_writer(message, &mut size, wire_config()).ok()?;
+    bincode::encode_into_writer(value, &mut size, wire_config()).ok()?;
     Some(size.bytes_written)
 }
 
@@ -209,6 +226,11 @@ mod tests {
             PeerMessage::Hello {
                 protocol_version: PEER_PROTOCOL_VERSION,
                 to: 3,
+                client_addr: "lockd-3.example:7000".to_string(),
+            },
+            PeerMessage::HelloOk {
+                protocol_version: PEER_PROTOCOL_VERSION,
+                client_addr: String::new(),
             },
             PeerMessage::Refused {
                 reason: RefuseReason::WrongIncarnation {
