@@ -2,6 +2,7 @@
 //! configurable so tests run fast (DESIGN §3a.15). Loaded from flags and/or a TOML file with
 //! the same keys (see `main.rs`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -19,6 +20,12 @@ pub struct Config {
     pub client_addr: String,
     /// Address peers connect to.
     pub peer_addr: String,
+    /// The initial cluster as `ID=HOST:PORT,...` (peer addresses, this node included);
+    /// empty for a one-member cluster. Read only when the data directory is new: a node
+    /// with data ignores it (DESIGN §3a.9).
+    pub peers: String,
+    /// Election timeout in ticks (randomized in [n, 2n)); heartbeats go every tick.
+    pub election_ticks: u32,
     /// Cluster identity, fixed at bootstrap: its hash is the cluster id.
     pub cluster_token: String,
     /// Length of one tick: session deadlines are checked once per tick.
@@ -59,6 +66,8 @@ impl Default for Config {
             data_dir: PathBuf::from("lockd-data"),
             client_addr: "127.0.0.1:7001".to_string(),
             peer_addr: "127.0.0.1:7101".to_string(),
+            peers: String::new(),
+            election_ticks: 10,
             cluster_token: "lockd".to_string(),
             tick_ms: 100,
             session_ttl_min_ms: 1_000,
@@ -131,7 +140,44 @@ impl Config {
         if self.drift_ppm >= 100_000 {
             return fail("drift_ppm must be below 100000 (10%)");
         }
+        if self.election_ticks < 3 {
+            return fail("election_ticks must be at least 3 (heartbeats go every tick)");
+        }
+        if self.id == 0 {
+            return fail("id must be > 0");
+        }
+        self.peer_map()?;
         Ok(())
+    }
+
+    /// The initial cluster from `peers`: node id → peer address. Empty for a one-member
+    /// cluster; otherwise it must name this node.
+    pub fn peer_map(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
+        let mut map = BTreeMap::new();
+        for item in self
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let bad = || ConfigError(format!("peers: {item:?} is not ID=HOST:PORT"));
+            let (id, addr) = item.split_once('=').ok_or_else(bad)?;
+            let id: u64 = id.trim().parse().map_err(|_| bad())?;
+            let addr = addr.trim();
+            if id == 0 || addr.is_empty() || !addr.contains(':') {
+                return Err(bad());
+            }
+            if map.insert(id, addr.to_string()).is_some() {
+                return Err(ConfigError(format!("peers: node {id} is named twice")));
+            }
+        }
+        if !map.is_empty() && !map.contains_key(&self.id) {
+            return Err(ConfigError(format!(
+                "peers does not name this node (--id {})",
+                self.id
+            )));
+        }
+        Ok(map)
     }
 
     /// The tick as a duration.
@@ -193,6 +239,32 @@ mod tests {
             "unset keys keep defaults"
         );
         assert!(toml::from_str::<Config>("tick_msec = 5").is_err());
+    }
+
+    #[test]
+    fn parses_the_initial_cluster() {
+        let config = Config {
+            id: 2,
+            peers: "1=127.0.0.1:7101, 2=127.0.0.1:7102,3=localhost:7103".into(),
+            ..Config::default()
+        };
+        let map = config.peer_map().unwrap();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[&3], "localhost:7103");
+        for bad in [
+            "1=127.0.0.1:7101,3=x:1",
+            "1=a:1,1=b:2",
+            "x=a:1",
+            "2=",
+            "2=nohostport",
+        ] {
+            let config = Config {
+                id: 2,
+                peers: bad.into(),
+                ..Config::default()
+            };
+            assert!(config.validate().is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

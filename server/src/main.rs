@@ -1,5 +1,6 @@
 //! `lockd`: the lockd server. With no flags, a single-node cluster with data in
-//! `./lockd-data`, clients on 127.0.0.1:7001 and peers on 127.0.0.1:7101.
+//! `./lockd-data` and clients on 127.0.0.1:7001; with `--peers`, a member of a cluster
+//! talking to its peers on `--peer-addr` (default 127.0.0.1:7101).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,9 +23,13 @@ struct Flags {
     /// address for peers (default 127.0.0.1:7101)
     #[argh(option)]
     peer_addr: Option<String>,
-    /// initial cluster as ID=HOST:PORT,... (peer addresses); a single node needs none
+    /// initial cluster as ID=HOST:PORT,... (peer addresses, this node included); a single
+    /// node needs none; a node with data keeps its stored members but takes addresses here
     #[argh(option)]
     peers: Option<String>,
+    /// election timeout in ticks, randomized in [n, 2n) (default 10)
+    #[argh(option)]
+    election_ticks: Option<u32>,
     /// the cluster's identity, fixed when the data directory is created (default "lockd")
     #[argh(option)]
     cluster_token: Option<String>,
@@ -86,14 +91,10 @@ fn load_config(flags: Flags) -> Result<Config, String> {
         max_proposal,
         log_format,
         spin_us,
-        max_connections
+        max_connections,
+        peers,
+        election_ticks
     );
-    if let Some(peers) = flags.peers {
-        let others: Vec<&str> = peers.split(',').filter(|p| !p.trim().is_empty()).collect();
-        if others.len() > 1 {
-            return Err("multi-node clusters (--peers with several members) are not available yet: run a single node".into());
-        }
-    }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }

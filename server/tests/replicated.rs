@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use lockd_protocol::{CreateOp, Error, ReadOp, Reply, SessionId, SessionSeq, WriteOp};
 use lockd_server::fsm::Command;
-use lockd_server::node::peer::{Backoff, Inbound, PeerConfig, PeerInfo, PeerTransport};
+use lockd_server::node::peer::{
+    Backoff, Inbound, PeerConfig, PeerInfo, PeerTransport, SideMessage,
+};
 use lockd_server::node::replicated::{Outbox, ReplicatedConfig, ReplicatedNode};
 use lockd_server::raft::Message;
 use lockd_server::storage::backend::LossyBackend;
@@ -43,6 +45,11 @@ impl Outbox for Gate {
     fn send(&self, messages: Vec<Message>) {
         if self.up.load(Ordering::Acquire) {
             self.transport.send(messages);
+        }
+    }
+    fn send_side(&self, to: u64, message: SideMessage) {
+        if self.up.load(Ordering::Acquire) {
+            self.transport.send_side(to, message);
         }
     }
 }
@@ -113,7 +120,7 @@ impl Cluster {
     /// Stops node `id` and its transport; returns its durable disk image (what survives a
     /// power loss at this moment).
     fn crash(&mut self, id: u64) -> Vec<u8> {
-        let mut node = self.nodes.remove(&id).expect("node");
+        let node = self.nodes.remove(&id).expect("node");
         node.stop().expect("stop");
         drop(self.transports.remove(&id));
         self.backends.remove(&id).expect("backend").crash_image()
@@ -168,7 +175,7 @@ impl Cluster {
     }
 
     fn stop_all(&mut self) {
-        for (_, mut node) in std::mem::take(&mut self.nodes) {
+        for (_, node) in std::mem::take(&mut self.nodes) {
             node.stop().expect("stop");
         }
         self.transports.clear();
@@ -274,7 +281,7 @@ async fn three_nodes_replicate_and_survive_the_leader() {
         .is_err());
 
     // Stop the leader: the other two elect a new one and keep committing.
-    let mut old = cluster.nodes.remove(&leader).expect("leader");
+    let old = cluster.nodes.remove(&leader).expect("leader");
     old.stop().expect("stop the leader");
     drop(cluster.transports.remove(&leader));
     let new_leader = cluster.leader(first_term).await;

@@ -103,7 +103,7 @@ pub async fn serve(stream: TcpStream, node: Node, cancel: CancellationToken) {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: node.identity().node_id,
                 cluster_id: node.identity().cluster_id,
-                leader_hint: Some(node.identity().node_id),
+                leader_hint: node.leader_hint(),
                 members: node.members(),
             };
             if conn.send(ServerMessage::HelloOk(ok)).await.is_err() {
@@ -348,8 +348,19 @@ impl Connection {
         };
         match request {
             Request::Read { consistency, op } => {
-                let (revision, result) = self.node.read(&op, consistency);
-                respond(revision, result)
+                if let Some((revision, result)) = self.node.read_now(&op, consistency) {
+                    return respond(revision, result);
+                }
+                let node = self.node.clone();
+                pending.push(Box::pin(async move {
+                    let (revision, result) = node.read(&op, consistency).await;
+                    Done::Reply(ServerMessage::Response {
+                        request_id,
+                        revision,
+                        result,
+                    })
+                }));
+                None
             }
             Request::ClusterStatus => {
                 let status = self.node.status();

@@ -1,38 +1,42 @@
 //! The IO layer: the only part of the server with threads, sockets and clocks.
 //!
-//! [`Node`] is a cheap handle to the event loop thread (`event_loop`) and the storage;
-//! `connection` serves one client connection; [`run`] accepts connections until shutdown.
-//! Reads are served on the connection's task from a redb read transaction of the applied
-//! state; writes and keepalives go through the event loop.
+//! [`Node`] is a cheap handle to this node's replicated loop (`replicated` + `driver`), its
+//! storage and its peer transport; `connection` serves one client connection; [`run`]
+//! accepts connections until shutdown. A node without `--peers` is a one-member cluster of
+//! the same code. Stale reads are served on the connection's task from a redb read
+//! transaction of the applied state; linearizable reads, writes and keepalives go through
+//! the loop.
 
 mod connection;
 mod deadlines;
-mod event_loop;
+mod driver;
+mod forward;
+mod leader;
 pub mod peer;
 pub mod replicated;
 mod watch;
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 
 use lockd_protocol::{
     ClusterStatus, Consistency, Error, KeepAliveResult, MemberInfo, ReadOp, Reply, SessionId,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{Config, ConfigError};
-use crate::fsm::{self, Applied, Command, FsmRead};
+use crate::fsm::{Applied, Command, FsmRead};
+use crate::raft::RaftConfig;
 use crate::storage::{FsmView, Identity, Storage, StorageError};
-pub use event_loop::SessionEnded;
-use event_loop::{EventLoop, LoopMsg};
-
-/// Commits of events a connection may fall behind before its watches end with `Lagged`.
-const WATCH_CHANNEL_COMMITS: usize = 1024;
+use peer::{Inbound, PeerConfig, PeerInfo, PeerTransport};
+pub use replicated::SessionEnded;
+use replicated::{NoPeers, ReplicatedConfig, ReplicatedError, ReplicatedNode};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -47,35 +51,25 @@ pub enum ServerError {
         "data directory belongs to cluster {stored:#x}, but --cluster-token gives {configured:#x}"
     )]
     WrongCluster { stored: u64, configured: u64 },
+    #[error("data directory belongs to node {stored}, but --id is {configured}")]
+    WrongNode { stored: u64, configured: u64 },
+    #[error("cannot resolve peer address {addr}: {reason}")]
+    PeerAddr { addr: String, reason: String },
+    #[error("cannot start the node: {0}")]
+    Start(#[from] ReplicatedError),
     #[error("the event loop stopped: {0}")]
     LoopStopped(String),
-}
-
-/// Indexes published by the event loop for status queries.
-#[derive(Debug, Default)]
-pub struct NodeStatus {
-    term: AtomicU64,
-    commit: AtomicU64,
-}
-
-impl NodeStatus {
-    fn set_indexes(&self, term: u64, commit: u64) {
-        self.term.store(term, Ordering::Release);
-        self.commit.store(commit, Ordering::Release);
-    }
 }
 
 #[derive(Debug)]
 struct Shared {
     config: Config,
     identity: Identity,
-    storage: Storage,
-    status: Arc<NodeStatus>,
-    tx: mpsc::Sender<LoopMsg>,
-    events: broadcast::Sender<SessionEnded>,
-    watch_events: broadcast::Sender<Arc<watch::Published>>,
-    /// Cancelled when the event loop has stopped.
-    stopped: CancellationToken,
+    replicated: ReplicatedNode,
+    /// The peer transport; `None` in a one-member cluster.
+    transport: Option<Arc<PeerTransport>>,
+    /// Voters of the stored configuration (this node included).
+    voters: Vec<u64>,
 }
 
 /// A handle to a running node. Cheap to clone.
@@ -84,68 +78,124 @@ pub struct Node {
     shared: Arc<Shared>,
 }
 
-impl Node {
-    /// Recovers the node from `storage`, commits a no-op of a new term and starts the event
-    /// loop thread. Blocks for that first commit.
-    pub fn start(
-        config: Config,
-        storage: Storage,
-    ) -> Result<(Node, std::thread::JoinHandle<Result<(), StorageError>>), ServerError> {
-        config.validate()?;
-        let identity = match storage.recover()?.identity {
-            Some(identity) if identity.cluster_id != config.cluster_id() => {
-                return Err(ServerError::WrongCluster {
-                    stored: identity.cluster_id,
-                    configured: config.cluster_id(),
-                });
-            }
-            Some(identity) => identity,
-            None => {
-                let identity = Identity {
-                    cluster_id: config.cluster_id(),
-                    node_id: config.id,
-                    incarnation: random_u64(),
-                };
-                storage.set_identity(identity)?;
-                identity
-            }
-        };
-        let status = Arc::new(NodeStatus::default());
-        let (events, _) = broadcast::channel(4096);
-        let (watch_events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
-        let event_loop = EventLoop::start(
-            config.clone(),
-            storage.clone(),
-            status.clone(),
-            events.clone(),
-            watch_events.clone(),
-        )?;
-        let (tx, rx) = mpsc::channel();
-        let stopped = CancellationToken::new();
-        let stopped_by_loop = stopped.clone();
-        let thread = std::thread::Builder::new()
-            .name("lockd-event-loop".into())
-            .spawn(move || {
-                let result = event_loop.run(rx);
-                stopped_by_loop.cancel();
-                result
+/// The identity of the data in `storage`, created (with a fresh incarnation) if it has none;
+/// refused if it belongs to another cluster or node.
+pub fn open_identity(config: &Config, storage: &Storage) -> Result<Identity, ServerError> {
+    match storage.recover()?.identity {
+        Some(identity) if identity.cluster_id != config.cluster_id() => {
+            Err(ServerError::WrongCluster {
+                stored: identity.cluster_id,
+                configured: config.cluster_id(),
+            })
+        }
+        Some(identity) if identity.node_id != config.id => Err(ServerError::WrongNode {
+            stored: identity.node_id,
+            configured: config.id,
+        }),
+        Some(identity) => Ok(identity),
+        None => {
+            let identity = Identity {
+                cluster_id: config.cluster_id(),
+                node_id: config.id,
+                incarnation: random_u64(),
+            };
+            storage.set_identity(identity)?;
+            Ok(identity)
+        }
+    }
+}
+
+/// Resolves the peer addresses of the initial cluster.
+fn resolve_peers(config: &Config) -> Result<BTreeMap<u64, SocketAddr>, ServerError> {
+    let mut peers = BTreeMap::new();
+    for (id, addr) in config.peer_map()? {
+        let resolved = addr
+            .to_socket_addrs()
+            .map_err(|e| ServerError::PeerAddr {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| ServerError::PeerAddr {
+                addr: addr.clone(),
+                reason: "no address".into(),
             })?;
-        let shared = Shared {
-            config,
-            identity,
-            storage,
-            status,
-            tx,
-            events,
-            watch_events,
-            stopped,
+        peers.insert(id, resolved);
+    }
+    Ok(peers)
+}
+
+impl Node {
+    /// Starts the node on `storage`: its identity, its peer transport (bound on
+    /// `config.peer_addr` when `config.peers` names other members) and its loop thread. A
+    /// one-member cluster elects itself before this returns. Must be called inside a tokio
+    /// runtime (the transport's tasks run on it).
+    pub fn start(config: Config, storage: Storage) -> Result<Node, ServerError> {
+        config.validate()?;
+        let identity = open_identity(&config, &storage)?;
+        let peers = resolve_peers(&config)?;
+        let initial: Vec<u64> = if peers.is_empty() {
+            vec![config.id]
+        } else {
+            peers.keys().copied().collect()
         };
-        Ok((
-            Node {
-                shared: Arc::new(shared),
-            },
-            thread,
-        ))
+        let mut raft = RaftConfig::new(config.id);
+        raft.election_tick = config.election_ticks;
+        raft.max_entry_bytes = config.max_proposal as u64 + 4096;
+        // Election timeouts differ per node and per data directory, and replay with it.
+        raft.seed = identity.incarnation ^ config.id;
+        let replicated_config = ReplicatedConfig {
+            raft,
+            voters: initial,
+            tick: config.tick(),
+            read_timeout: config.tick() * config.election_ticks * 4,
+            spin: std::time::Duration::from_micros(config.spin_us),
+            max_batch: config.max_batch,
+            pin_refresh: std::time::Duration::from_millis(
+                (config.implicit_session_ttl_ms / 4).max(config.tick_ms),
+            ),
+        };
+        let (inbound_tx, inbound_rx) = mpsc::channel::<Inbound>(4096);
+        let others: BTreeMap<u64, PeerInfo> = peers
+            .iter()
+            .filter(|(&id, _)| id != config.id)
+            .map(|(&id, &addr)| (id, PeerInfo::from(addr)))
+            .collect();
+        let (replicated, transport) = if others.is_empty() {
+            drop(inbound_tx);
+            let node = ReplicatedNode::start(replicated_config, storage, NoPeers, inbound_rx)?;
+            (node, None)
+        } else {
+            let mut peer_config =
+                PeerConfig::new(config.id, identity.cluster_id, identity.incarnation, others);
+            peer_config.max_frame = peer::peer_frame_limit(config.max_frame);
+            peer_config.client_addr = config.client_addr.clone();
+            let listener = std::net::TcpListener::bind(&config.peer_addr)?;
+            listener.set_nonblocking(true)?;
+            let listener = TcpListener::from_std(listener)?;
+            let transport = Arc::new(PeerTransport::start(peer_config, listener, inbound_tx)?);
+            tracing::info!(peer_addr = %transport.local_addr(), "peer transport up");
+            let node =
+                ReplicatedNode::start(replicated_config, storage, transport.clone(), inbound_rx)?;
+            (node, Some(transport))
+        };
+        // A node with data keeps its stored configuration and ignores `--peers` for it
+        // (DESIGN §3a.9); `--peers` still gives the peers' addresses.
+        let voters = replicated.voters();
+        for id in voters.iter().filter(|&&id| id != config.id) {
+            if !peers.contains_key(id) {
+                tracing::warn!(peer = id, "no address for a member: pass it in --peers");
+            }
+        }
+        Ok(Node {
+            shared: Arc::new(Shared {
+                config,
+                identity,
+                replicated,
+                transport,
+                voters,
+            }),
+        })
     }
 
     /// The node's configuration.
@@ -155,9 +205,7 @@ impl Node {
 
     /// Appends, commits and applies a command; resolves once it is applied.
     pub async fn propose(&self, command: Command) -> Result<Applied, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.send(LoopMsg::Propose { command, reply })?;
-        answer.await.map_err(|_| Error::ShuttingDown)?
+        self.shared.replicated.propose(command).await
     }
 
     /// Renews sessions; one result per session, in order.
@@ -165,54 +213,79 @@ impl Node {
         &self,
         sessions: Vec<SessionId>,
     ) -> Result<Vec<(SessionId, KeepAliveResult)>, Error> {
-        let (reply, answer) = oneshot::channel();
-        self.send(LoopMsg::KeepAlive { sessions, reply })?;
-        answer.await.map_err(|_| Error::ShuttingDown)
+        self.shared.replicated.keepalive(sessions).await
     }
 
     /// Lets an implicit session expire after its TTL (its connection is gone).
     pub fn unpin(&self, session: SessionId) {
-        let _ = self.send(LoopMsg::Unpin { session });
+        self.shared.replicated.unpin(session)
     }
 
-    fn send(&self, msg: LoopMsg) -> Result<(), Error> {
-        self.shared.tx.send(msg).map_err(|_| Error::ShuttingDown)
+    /// A read served at once, without a quorum round, if it can be: every `stale` read, and
+    /// a linearizable one on the active leader of a one-member cluster (every acknowledged
+    /// write is applied before it is acknowledged, and nobody else can lead). `None`: use
+    /// [`Node::read`].
+    pub fn read_now(
+        &self,
+        op: &ReadOp,
+        consistency: Consistency,
+    ) -> Option<(u64, Result<Reply, Error>)> {
+        let sole = self.shared.voters == [self.shared.identity.node_id];
+        let inline = consistency == Consistency::Stale
+            || (sole && self.shared.replicated.status().leader_active);
+        inline.then(|| self.shared.replicated.read_applied(op))
     }
 
-    /// Serves a read from the applied state; returns the revision it reflects. With one
-    /// voter every acknowledged write is applied before it is acknowledged, so the latest
-    /// committed read transaction is linearizable; the Raft issue adds ReadIndex here.
-    pub fn read(&self, op: &ReadOp, _consistency: Consistency) -> (u64, Result<Reply, Error>) {
-        let outcome = (|| -> Result<(u64, Result<Reply, Error>), StorageError> {
-            let txn = self.shared.storage.read()?;
-            let view = FsmView::new(&txn);
-            let revision = view.applied()?.index;
-            let result = fsm::read(&view, op, 10_000)?;
-            Ok((revision, result))
-        })();
-        outcome.unwrap_or_else(|e| (0, Err(Error::Storage(e.to_string()))))
+    /// Serves a read: linearizable ones after a ReadIndex round (§6.4), on any member.
+    pub async fn read(&self, op: &ReadOp, consistency: Consistency) -> (u64, Result<Reply, Error>) {
+        if let Some(answer) = self.read_now(op, consistency) {
+            return answer;
+        }
+        self.shared.replicated.read(op).await
     }
 
     /// The cluster as this node sees it.
     pub fn status(&self) -> ClusterStatus {
-        let commit = self.shared.status.commit.load(Ordering::Acquire);
+        let s = self.shared.replicated.status();
         ClusterStatus {
             cluster_id: self.shared.identity.cluster_id,
             node_id: self.shared.identity.node_id,
-            leader: Some(self.shared.identity.node_id),
-            term: self.shared.status.term.load(Ordering::Acquire),
-            commit_index: commit,
-            applied_index: commit,
+            leader: (s.leader != 0).then_some(s.leader),
+            term: s.term,
+            commit_index: s.commit,
+            applied_index: s.applied,
             members: self.members(),
         }
     }
 
-    /// Client addresses of the members.
+    /// The leader this node knows of.
+    pub fn leader_hint(&self) -> Option<u64> {
+        let leader = self.shared.replicated.status().leader;
+        (leader != 0).then_some(leader)
+    }
+
+    /// Client addresses of the members, as far as this node knows them (its own, and those
+    /// its peers told it in their handshakes).
     pub fn members(&self) -> Vec<MemberInfo> {
-        vec![MemberInfo {
-            id: self.shared.identity.node_id,
-            client_addr: self.shared.config.client_addr.clone(),
-        }]
+        let me = self.shared.identity.node_id;
+        let known = self
+            .shared
+            .transport
+            .as_ref()
+            .map(|t| t.client_addrs())
+            .unwrap_or_default();
+        self.shared
+            .voters
+            .iter()
+            .filter_map(|&id| {
+                let client_addr = if id == me {
+                    self.shared.config.client_addr.clone()
+                } else {
+                    known.get(&id)?.clone()
+                };
+                Some(MemberInfo { id, client_addr })
+            })
+            .collect()
     }
 
     /// Identity of this node's data.
@@ -222,17 +295,17 @@ impl Node {
 
     /// Notifications of sessions that ended.
     pub fn session_events(&self) -> broadcast::Receiver<SessionEnded> {
-        self.shared.events.subscribe()
+        self.shared.replicated.session_events()
     }
 
     /// Subscribes to the events of every commit from now on.
     pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<Arc<watch::Published>> {
-        self.shared.watch_events.subscribe()
+        self.shared.replicated.subscribe_events()
     }
 
     /// The last revision whose events have been published.
     pub fn published_index(&self) -> u64 {
-        self.shared.status.commit.load(Ordering::Acquire)
+        self.shared.replicated.published_index()
     }
 
     /// Events from revision `from` on (whole revisions, about `max_events` at most), or
@@ -243,7 +316,7 @@ impl Node {
         max_events: usize,
     ) -> Result<Vec<lockd_protocol::Event>, Error> {
         let read = || -> Result<Result<Vec<lockd_protocol::Event>, Error>, StorageError> {
-            let txn = self.shared.storage.read()?;
+            let txn = self.shared.replicated.storage().read()?;
             let view = FsmView::new(&txn);
             let oldest = view.applied()?.history_from;
             if from < oldest {
@@ -254,14 +327,14 @@ impl Node {
         read().unwrap_or_else(|e| Err(Error::Storage(e.to_string())))
     }
 
-    /// Resolves when the event loop has stopped (shutdown or a storage failure).
+    /// Resolves when the loop has stopped (shutdown or a storage failure).
     pub async fn stopped(&self) {
-        self.shared.stopped.cancelled().await
+        self.shared.replicated.stopped().await
     }
 
-    /// Asks the event loop to commit what is queued and stop.
-    pub fn stop(&self) {
-        let _ = self.send(LoopMsg::Shutdown);
+    /// Stops the loop and waits for its thread (blocking).
+    pub fn stop(&self) -> Result<(), StorageError> {
+        self.shared.replicated.stop()
     }
 }
 
@@ -307,9 +380,7 @@ pub async fn run_with_storage(
     storage: Storage,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let (node, thread) = tokio::task::spawn_blocking(move || Node::start(config, storage))
-        .await
-        .map_err(|e| ServerError::LoopStopped(e.to_string()))??;
+    let node = Node::start(config, storage)?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node = node.identity().node_id, "serving clients");
     let cancel = CancellationToken::new();
@@ -364,13 +435,9 @@ pub async fn run_with_storage(
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
-    node.stop();
-    let result = tokio::task::spawn_blocking(move || thread.join())
+    let stopper = node.clone();
+    let result = tokio::task::spawn_blocking(move || stopper.stop())
         .await
         .map_err(|e| ServerError::LoopStopped(e.to_string()))?;
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ServerError::Storage(e)),
-        Err(_) => Err(ServerError::LoopStopped("event loop panicked".into())),
-    }
+    result.map_err(ServerError::Storage)
 }

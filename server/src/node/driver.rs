@@ -1,0 +1,654 @@
+//! The node's loop: one thread that owns the [`Raft`] core over the redb [`RaftStore`] and
+//! drives it by the Ready contract of [`crate::raft`].
+//!
+//! Each cycle takes every input waiting (peer messages, client proposals, reads, keepalives;
+//! up to `max_batch` proposals), ticks the core when a tick is due, does the tick's session
+//! work, proposes the queued commands (a follower answers `NotLeader { leader_hint }` at
+//! once), and then handles Ready after Ready: early messages (the leader's own appends) go
+//! out first, then the whole Ready is persisted and applied in one redb write transaction
+//! with one fsync ([`RaftStore::persist_ready`]: group commit), then the other messages go
+//! out, the applied entries' events are published, the published index advances, proposers
+//! of applied entries are answered, and the core is advanced.
+//!
+//! A proposal is remembered by (index, term). It is answered with the state machine's
+//! outcome only if the entry applied at its index has its term; if another term's entry took
+//! that index, the proposal never applied and gets `NotLeader` (safe to retry): never
+//! somebody else's answer. Linearizable reads and keepalives go through
+//! [`Raft::read_index`]: a read is answered once applied ≥ its read index, a keepalive is
+//! renewed then by the leader's [`LeaderDuties`] (DESIGN §3a.4). A follower passes its
+//! keepalives to the leader in one batch per tick ([`Forwarder`]).
+//!
+//! What this module must not do: answer a proposal before its entry is committed, durable
+//! and applied; send `messages` before the Ready is durable; expire sessions or fire lock
+//! timers unless its leadership is active. A storage failure stops the loop (fail-stop):
+//! after a failed fsync it cannot know what is durable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use lockd_protocol::{Error, SessionId};
+
+use super::forward::{Forwarder, KeepAliveReply};
+use super::leader::LeaderDuties;
+use super::peer::SideMessage;
+use super::replicated::{
+    Input, Outbox, ProposalReply, Publish, ReadReply, ReplicatedConfig, SessionEnded,
+};
+use super::watch::Published;
+use crate::fsm::{Applied, Command};
+use crate::raft::{EntryKind, ProposeError, Raft, Role};
+use crate::storage::{RaftStore, StorageError};
+
+/// Readies handled per cycle before the loop looks at its inputs again.
+const MAX_READIES_PER_CYCLE: usize = 16;
+
+/// A client proposal waiting for its entry to apply.
+#[derive(Debug)]
+struct Pending {
+    term: u64,
+    reply: ProposalReply,
+    /// It opens a connection's implicit session: pin it here once applied.
+    implicit_open: bool,
+}
+
+/// Who asked for a keepalive: a client of this node, or a follower's batch.
+#[derive(Debug)]
+enum KeepAliveFrom {
+    Local(KeepAliveReply),
+    Peer { from: u64, id: u64 },
+}
+
+/// A keepalive on the leader, waiting for its quorum round (and maybe an expiry entry).
+#[derive(Debug)]
+struct KeepAliveJob {
+    sessions: Vec<SessionId>,
+    from: KeepAliveFrom,
+}
+
+impl KeepAliveJob {
+    /// Answers with an error (a follower's batch just goes unanswered and times out there).
+    fn fail(self, error: Error) {
+        if let KeepAliveFrom::Local(reply) = self.from {
+            let _ = reply.send(Err(error));
+        }
+    }
+}
+
+/// What waits on a read index.
+#[derive(Debug)]
+enum Waiting {
+    Read(ReadReply),
+    KeepAlive(KeepAliveJob),
+}
+
+impl Waiting {
+    fn fail(self, error: Error) {
+        match self {
+            Waiting::Read(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Waiting::KeepAlive(job) => job.fail(error),
+        }
+    }
+}
+
+/// The state owned by the loop thread.
+pub(super) struct Driver {
+    raft: Raft<RaftStore>,
+    config: ReplicatedConfig,
+    outbox: Box<dyn Outbox>,
+    publish: Publish,
+    /// Client proposals by log index. Invariant: every key > the applied index at the end of
+    /// a cycle.
+    proposals: BTreeMap<u64, Pending>,
+    /// Read-index requests asked of the core, by ctx, with the time they were asked.
+    asked: BTreeMap<u64, (Instant, Waiting)>,
+    /// Requests whose read index is known, waiting for applied ≥ index.
+    indexed: Vec<(u64, Waiting)>,
+    /// Keepalives waiting for an `Expire` entry of theirs to apply, by that entry's index.
+    deferred: Vec<(u64, KeepAliveJob)>,
+    next_ctx: u64,
+    /// Commands taken from the channel this cycle, proposed after the tick.
+    queued: Vec<(Command, ProposalReply)>,
+    /// Entry time: `time_base_ms` + monotonic time since `clock_base` (DESIGN §3a.12),
+    /// rebased when this node becomes leader.
+    time_base_ms: u64,
+    clock_base: Instant,
+    /// Role and term at the end of the previous cycle.
+    was_leader: bool,
+    seen_term: u64,
+    duties: LeaderDuties,
+    forwarder: Forwarder,
+    /// Implicit sessions of this node's live connections: never expired while pinned.
+    pinned: BTreeSet<SessionId>,
+}
+
+impl Driver {
+    /// A driver around `raft`. A sole voter campaigns (and wins) here, without waiting for
+    /// an election timeout: ticks are this core's only clock, so ticking it is the way.
+    pub fn new(
+        mut raft: Raft<RaftStore>,
+        config: ReplicatedConfig,
+        outbox: Box<dyn Outbox>,
+        publish: Publish,
+    ) -> Result<Driver, StorageError> {
+        let voters = &raft.tracker().conf.voters;
+        if voters.len() == 1 && voters.contains(&raft.id()) {
+            for _ in 0..2 * config.raft.election_tick + 2 {
+                if raft.role() == Role::Leader {
+                    break;
+                }
+                raft.tick();
+            }
+        }
+        publish
+            .status
+            .applied
+            .store(raft.applied(), Ordering::Release);
+        let tick_ms = config.tick.as_millis().max(1) as u64;
+        let driver = Driver {
+            time_base_ms: raft.last_entry_time(),
+            clock_base: Instant::now(),
+            seen_term: raft.term(),
+            raft,
+            config,
+            outbox,
+            publish,
+            proposals: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            indexed: Vec::new(),
+            deferred: Vec::new(),
+            next_ctx: 1,
+            queued: Vec::new(),
+            was_leader: false,
+            duties: LeaderDuties::new(tick_ms),
+            forwarder: Forwarder::default(),
+            pinned: BTreeSet::new(),
+        };
+        driver.publish_status();
+        Ok(driver)
+    }
+
+    /// Runs until `Shutdown`, every sender is gone, or storage fails.
+    pub fn run(mut self, rx: Receiver<Input>) -> Result<(), StorageError> {
+        let tick = self.config.tick;
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let first = if self.raft.has_ready() {
+                rx.try_recv().ok()
+            } else {
+                match self.wait_for_input(&rx, next_tick) {
+                    Ok(input) => input,
+                    Err(()) => break,
+                }
+            };
+            let mut stop = false;
+            let mut input = first;
+            while let Some(i) = input {
+                stop |= self.take(i);
+                if stop || self.queued.len() >= self.config.max_batch {
+                    break;
+                }
+                input = rx.try_recv().ok();
+            }
+            if stop {
+                break;
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raft.tick();
+                self.on_tick(now);
+                next_tick += tick;
+                if next_tick < now {
+                    next_tick = now + tick;
+                }
+            }
+            self.propose_queued();
+            for _ in 0..MAX_READIES_PER_CYCLE {
+                if !self.raft.has_ready() {
+                    break;
+                }
+                if let Err(e) = self.handle_ready() {
+                    tracing::error!(node = self.raft.id(), error = %e, "storage failed; stopping");
+                    self.fail_all(&Error::Storage(e.to_string()));
+                    return Err(e);
+                }
+            }
+            self.after_cycle();
+        }
+        self.fail_all(&Error::ShuttingDown);
+        Ok(())
+    }
+
+    /// Waits for the next input until `deadline`. Waking a parked thread costs tens of µs on
+    /// a small VM, and a client that just got its answer usually sends the next request
+    /// within that time, so it polls for `spin` first. `Err` when every sender is gone.
+    fn wait_for_input(&self, rx: &Receiver<Input>, deadline: Instant) -> Result<Option<Input>, ()> {
+        let spin_until = Instant::now() + self.config.spin;
+        while Instant::now() < spin_until {
+            if let Ok(input) = rx.try_recv() {
+                return Ok(Some(input));
+            }
+            std::hint::spin_loop();
+        }
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(input) => Ok(Some(input)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Takes one input. True on `Shutdown`.
+    fn take(&mut self, input: Input) -> bool {
+        match input {
+            Input::Peer(m) => self.raft.step(m),
+            Input::Side { from, message } => self.take_side(from, message),
+            Input::Propose { command, reply } => self.queued.push((command, reply)),
+            Input::Read { reply } => self.ask_read_index(Waiting::Read(reply)),
+            Input::KeepAlive { sessions, reply } => {
+                if self.raft.role() == Role::Leader {
+                    let from = KeepAliveFrom::Local(reply);
+                    self.ask_read_index(Waiting::KeepAlive(KeepAliveJob { sessions, from }));
+                } else {
+                    self.forwarder.gather(sessions, reply);
+                }
+            }
+            Input::Unpin { session } => {
+                self.pinned.remove(&session);
+                self.duties.unpin(session);
+            }
+            Input::Shutdown => return true,
+        }
+        false
+    }
+
+    fn take_side(&mut self, from: u64, message: SideMessage) {
+        match message {
+            SideMessage::KeepAlive { id, sessions } => {
+                if self.raft.role() == Role::Leader {
+                    let from = KeepAliveFrom::Peer { from, id };
+                    self.ask_read_index(Waiting::KeepAlive(KeepAliveJob { sessions, from }));
+                } else {
+                    tracing::debug!(from, id, "keepalive batch for a node that does not lead");
+                }
+            }
+            SideMessage::KeepAliveAck { id, results } => self.forwarder.acknowledged(id, results),
+        }
+    }
+
+    /// Asks the core for a read index on behalf of `waiting`: one quorum round of the
+    /// leader's current term, begun after now (§6.4), batched with every other request.
+    fn ask_read_index(&mut self, waiting: Waiting) {
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        match self.raft.read_index(ctx) {
+            Ok(()) => {
+                self.asked.insert(ctx, (Instant::now(), waiting));
+            }
+            Err(_) => waiting.fail(self.not_leader()),
+        }
+    }
+
+    /// The tick's work besides the core's: keepalive batches of a follower, timeouts, and an
+    /// active leader's expiry and lock timers.
+    fn on_tick(&mut self, now: Instant) {
+        let timeout = self.config.read_timeout;
+        self.forwarder.expire(timeout);
+        if self.raft.role() != Role::Leader {
+            let leader = self.raft.leader().filter(|&l| l != self.raft.id());
+            self.forwarder.flush(
+                leader,
+                &self.pinned,
+                self.config.pin_refresh,
+                self.outbox.as_ref(),
+            );
+        }
+        let late: Vec<u64> = self
+            .asked
+            .iter()
+            .filter(|(_, (at, _))| now.duration_since(*at) >= timeout)
+            .map(|(&ctx, _)| ctx)
+            .collect();
+        for ctx in late {
+            if let Some((_, waiting)) = self.asked.remove(&ctx) {
+                waiting.fail(Error::Unavailable("read index timed out".into()));
+            }
+        }
+        if self.duties.active_term() != Some(self.raft.term()) {
+            return;
+        }
+        let expired = self.duties.take_expired();
+        if !expired.is_empty() {
+            if let Some(index) = self.propose_own(Command::Expire {
+                sessions: expired.clone(),
+            }) {
+                self.duties.expiring(&expired, index);
+            }
+        }
+        for command in self.duties.due_lock_commands(self.entry_time_ms()) {
+            self.propose_own(command);
+        }
+    }
+
+    fn entry_time_ms(&self) -> u64 {
+        self.time_base_ms + self.clock_base.elapsed().as_millis() as u64
+    }
+
+    /// Proposes an entry the loop decided on (expiry, lock timers); its index if appended.
+    fn propose_own(&mut self, command: Command) -> Option<u64> {
+        let time_ms = self.entry_time_ms();
+        let term = self.raft.term();
+        match self
+            .raft
+            .propose(EntryKind::Command(command), term, time_ms)
+        {
+            Ok(index) => {
+                if let Some(old) = self.proposals.remove(&index) {
+                    let _ = old.reply.send(Err(self.not_leader()));
+                }
+                Some(index)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not propose a leader entry");
+                None
+            }
+        }
+    }
+
+    fn propose_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let time_ms = self.entry_time_ms();
+        let term = self.raft.term();
+        for (command, reply) in std::mem::take(&mut self.queued) {
+            let implicit_open = matches!(command, Command::OpenSession { implicit: true, .. });
+            match self
+                .raft
+                .propose(EntryKind::Command(command), term, time_ms)
+            {
+                Ok(index) => {
+                    let pending = Pending {
+                        term,
+                        reply,
+                        implicit_open,
+                    };
+                    // A leftover at this index belongs to an entry that was truncated.
+                    if let Some(old) = self.proposals.insert(index, pending) {
+                        let _ = old.reply.send(Err(self.not_leader()));
+                    }
+                }
+                Err(ProposeError::NotLeader { leader_hint }) => {
+                    let _ = reply.send(Err(Error::NotLeader { leader_hint }));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(Error::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            leader_hint: self.raft.leader(),
+        }
+    }
+
+    /// One Ready, in the order of the contract in [`crate::raft`].
+    fn handle_ready(&mut self) -> Result<(), StorageError> {
+        let mut ready = self.raft.ready();
+        let early = std::mem::take(&mut ready.early_messages);
+        if !early.is_empty() {
+            self.outbox.send(early);
+        }
+        let outcomes = self.raft.store_mut().persist_ready(&ready)?;
+        let messages = std::mem::take(&mut ready.messages);
+        if !messages.is_empty() {
+            self.outbox.send(messages);
+        }
+        let term = self.raft.term();
+        let own_term_applied = ready.committed_entries.iter().any(|e| e.term == term);
+        if self.raft.role() == Role::Leader
+            && own_term_applied
+            && self.duties.active_term() != Some(term)
+        {
+            self.activate(term)?;
+        }
+        let mut events = Vec::new();
+        let mut answers = Vec::new();
+        let mut last_revision = None;
+        for (index, mut applied) in outcomes {
+            last_revision = Some(index);
+            events.append(&mut applied.events);
+            let entry_term = ready
+                .committed_entries
+                .iter()
+                .find(|e| e.index == index)
+                .map(|e| e.term);
+            let ours = match self.proposals.remove(&index) {
+                Some(p) if Some(p.term) == entry_term => Some(p),
+                Some(other) => {
+                    // Another term's entry took this proposal's index: it never applied.
+                    answers.push((other.reply, Err(self.not_leader())));
+                    None
+                }
+                None => None,
+            };
+            self.track_sessions(&applied, ours.as_ref().is_some_and(|p| p.implicit_open));
+            for timer in std::mem::take(&mut applied.lock_timers) {
+                self.duties.add_lock_timer(timer);
+            }
+            if let Some(p) = ours {
+                answers.push((p.reply, Ok(applied)));
+            }
+        }
+        if !events.is_empty() {
+            let _ = self
+                .publish
+                .watch_events
+                .send(Arc::new(Published { events }));
+        }
+        if let Some(index) = last_revision {
+            self.publish.status.applied.store(index, Ordering::Release);
+        }
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
+        }
+        for rs in std::mem::take(&mut ready.read_states) {
+            if let Some((_, waiting)) = self.asked.remove(&rs.ctx) {
+                self.indexed.push((rs.index, waiting));
+            }
+        }
+        self.raft.advance(&ready);
+        let applied = self.raft.applied();
+        self.publish
+            .status
+            .applied
+            .store(applied, Ordering::Release);
+        // Proposals at or below the applied index that were not answered above either lost
+        // their index to another term's entry, or had it covered by an installed snapshot.
+        while let Some(entry) = self.proposals.first_entry() {
+            if *entry.key() > applied {
+                break;
+            }
+            let pending = entry.remove();
+            let error = if ready.snapshot.is_some() {
+                Error::Indeterminate("entry covered by an installed snapshot".into())
+            } else {
+                self.not_leader()
+            };
+            let _ = pending.reply.send(Err(error));
+        }
+        self.serve_indexed(applied);
+        Ok(())
+    }
+
+    /// Keeps the leader's deadlines, this node's pins and the session-end broadcast in step
+    /// with an applied entry.
+    fn track_sessions(&mut self, applied: &Applied, implicit_here: bool) {
+        if let Some(grant) = &applied.opened_session {
+            if implicit_here {
+                self.pinned.insert(grant.session);
+            }
+            self.duties
+                .opened(grant.session, grant.ttl_ms, implicit_here);
+        }
+        for &(session, kind) in &applied.ended_sessions {
+            self.duties.ended(session);
+            self.pinned.remove(&session);
+            let _ = self.publish.session_events.send(SessionEnded {
+                session,
+                revision: applied.revision,
+                kind,
+            });
+        }
+    }
+
+    /// Starts this leadership's duties: fresh full TTLs for every session, lock timers from
+    /// the applied state.
+    fn activate(&mut self, term: u64) -> Result<(), StorageError> {
+        let recovered = self.raft.store().storage().recover()?;
+        let now_ms = self.entry_time_ms();
+        self.duties.activate(
+            term,
+            now_ms,
+            &recovered.sessions,
+            &self.pinned,
+            recovered.lock_timers,
+        );
+        self.publish
+            .status
+            .active_term
+            .store(term, Ordering::Release);
+        Ok(())
+    }
+
+    /// Answers reads and keepalives whose read index has applied.
+    fn serve_indexed(&mut self, applied: u64) {
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.indexed)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.indexed = waiting;
+        let deferred = std::mem::take(&mut self.deferred);
+        let (due, still): (Vec<_>, Vec<_>) = deferred
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.deferred = still;
+        let jobs = due.into_iter().map(|(_, job)| job);
+        let mut keepalives = Vec::new();
+        for (index, waiting) in done {
+            match waiting {
+                Waiting::Read(reply) => {
+                    let _ = reply.send(Ok(index));
+                }
+                Waiting::KeepAlive(job) => keepalives.push(job),
+            }
+        }
+        for job in keepalives.into_iter().chain(jobs) {
+            self.renew(job, applied);
+        }
+    }
+
+    /// Renews a keepalive's sessions (its quorum round is done) and answers it, or defers it
+    /// until a pending `Expire` of one of its sessions applies.
+    fn renew(&mut self, job: KeepAliveJob, applied: u64) {
+        if self.duties.active_term() != Some(self.raft.term()) {
+            job.fail(self.not_leader());
+            return;
+        }
+        match self.duties.renew(&job.sessions, applied) {
+            Err(index) => self.deferred.push((index, job)),
+            Ok(results) => match job.from {
+                KeepAliveFrom::Local(reply) => {
+                    let _ = reply.send(Ok(results));
+                }
+                KeepAliveFrom::Peer { from, id } => self
+                    .outbox
+                    .send_side(from, SideMessage::KeepAliveAck { id, results }),
+            },
+        }
+    }
+
+    /// Reacts to a change of role or term: a new leader rebases its entry time and serves
+    /// the keepalives it was forwarding; a node that stops leading forgets its duties and
+    /// fails what depended on them.
+    fn after_cycle(&mut self) {
+        let leader = self.raft.role() == Role::Leader;
+        let term = self.raft.term();
+        if term != self.seen_term || (self.was_leader && !leader) {
+            self.duties.deactivate();
+            self.publish.status.active_term.store(0, Ordering::Release);
+            let error = self.not_leader();
+            for (_, (_, waiting)) in std::mem::take(&mut self.asked) {
+                waiting.fail(error.clone());
+            }
+            let indexed = std::mem::take(&mut self.indexed);
+            for (index, waiting) in indexed {
+                match waiting {
+                    // A read whose index was confirmed stays valid.
+                    Waiting::Read(reply) => self.indexed.push((index, Waiting::Read(reply))),
+                    Waiting::KeepAlive(job) => job.fail(error.clone()),
+                }
+            }
+            for (_, job) in std::mem::take(&mut self.deferred) {
+                job.fail(error.clone());
+            }
+        }
+        if leader && !self.was_leader {
+            // Entries of this term are stamped from the last entry's time plus this node's
+            // own monotonic time since then (DESIGN §3a.12).
+            self.time_base_ms = self.raft.last_entry_time();
+            self.clock_base = Instant::now();
+            for (sessions, reply) in self.forwarder.take_all() {
+                let from = KeepAliveFrom::Local(reply);
+                self.ask_read_index(Waiting::KeepAlive(KeepAliveJob { sessions, from }));
+            }
+        }
+        self.was_leader = leader;
+        self.seen_term = term;
+        self.publish_status();
+    }
+
+    /// Answers everything still waiting. Proposals already in the log may yet commit (here
+    /// or under another leader): they get `Indeterminate`, never a retryable error.
+    fn fail_all(&mut self, error: &Error) {
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            let _ = p.reply.send(Err(Error::Indeterminate(format!(
+                "appended but not known applied: {error}"
+            ))));
+        }
+        for (_, reply) in std::mem::take(&mut self.queued) {
+            let _ = reply.send(Err(error.clone()));
+        }
+        for (_, (_, waiting)) in std::mem::take(&mut self.asked) {
+            waiting.fail(error.clone());
+        }
+        for (_, waiting) in std::mem::take(&mut self.indexed) {
+            waiting.fail(error.clone());
+        }
+        for (_, job) in std::mem::take(&mut self.deferred) {
+            job.fail(error.clone());
+        }
+        for (_, reply) in self.forwarder.take_all() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+
+    fn publish_status(&self) {
+        let s = &self.publish.status;
+        let role = match self.raft.role() {
+            Role::Follower => 0,
+            Role::PreCandidate => 1,
+            Role::Candidate => 2,
+            Role::Leader => 3,
+        };
+        s.term.store(self.raft.term(), Ordering::Release);
+        s.leader
+            .store(self.raft.leader().unwrap_or(0), Ordering::Release);
+        s.role.store(role, Ordering::Release);
+        s.commit.store(self.raft.commit(), Ordering::Release);
+    }
+}
