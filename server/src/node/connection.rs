@@ -194,6 +194,14 @@ impl Connection {
                     }
                 }
                 _ = progress.tick(), if !self.watches.is_empty() => {
+                    if self.node.leaderless_too_long() {
+                        let reason = Error::Unavailable("this node has had no leader for three election timeouts; resume the watch on another node".into());
+                        self.watches.end_all(reason);
+                        if self.send_watch_frames().await.is_err() {
+                            return None;
+                        }
+                        continue;
+                    }
                     // Everything published up to this index is in the channel already (the
                     // loop publishes before advancing it): if the channel is empty, every
                     // watch has been sent all its events up to it.

@@ -296,6 +296,12 @@ impl Driver {
     /// active leader's expiry and lock timers.
     fn on_tick(&mut self, now: Instant) {
         let timeout = self.config.read_timeout;
+        let leaderless = &self.publish.status.leaderless_ticks;
+        if self.raft.leader().is_some() {
+            leaderless.store(0, Ordering::Release);
+        } else {
+            leaderless.fetch_add(1, Ordering::AcqRel);
+        }
         self.forwarder.expire(timeout);
         if self.raft.role() != Role::Leader {
             let leader = self.raft.leader().filter(|&l| l != self.raft.id());
@@ -445,11 +451,19 @@ impl Driver {
                 answers.push((p.reply, Ok(applied)));
             }
         }
+        if ready.snapshot.is_some() {
+            let reset = Published {
+                events: Vec::new(),
+                reset: true,
+            };
+            let _ = self.publish.watch_events.send(Arc::new(reset));
+        }
         if !events.is_empty() {
-            let _ = self
-                .publish
-                .watch_events
-                .send(Arc::new(Published { events }));
+            let published = Published {
+                events,
+                reset: false,
+            };
+            let _ = self.publish.watch_events.send(Arc::new(published));
         }
         if let Some(index) = last_revision {
             self.publish.status.applied.store(index, Ordering::Release);

@@ -303,6 +303,13 @@ impl Node {
         self.shared.replicated.subscribe_events()
     }
 
+    /// Whether this node has had no leader for three election timeouts: its watch streams
+    /// then end with an error instead of going silent (DESIGN §3a.13).
+    pub fn leaderless_too_long(&self) -> bool {
+        let limit = 3 * 2 * u64::from(self.shared.config.election_ticks);
+        self.shared.replicated.leaderless_ticks() >= limit
+    }
+
     /// The last revision whose events have been published.
     pub fn published_index(&self) -> u64 {
         self.shared.replicated.published_index()

@@ -168,6 +168,8 @@ pub(super) struct StatusCell {
     pub applied: AtomicU64,
     /// Term whose leadership is active here (0 = none): see `leader.rs`.
     pub active_term: AtomicU64,
+    /// Ticks since this node last knew a leader.
+    pub leaderless_ticks: AtomicU64,
 }
 
 /// A snapshot of a node's consensus state.
@@ -302,6 +304,11 @@ impl ReplicatedNode {
             commit: s.commit.load(Ordering::Acquire),
             applied: s.applied.load(Ordering::Acquire),
         }
+    }
+
+    /// Ticks since this node last knew a leader (0 while it knows one).
+    pub fn leaderless_ticks(&self) -> u64 {
+        self.publish.status.leaderless_ticks.load(Ordering::Acquire)
     }
 
     /// The last applied index whose events have been published.

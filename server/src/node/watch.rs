@@ -23,6 +23,10 @@ use super::Node;
 #[derive(Debug)]
 pub struct Published {
     pub events: Vec<Event>,
+    /// The node installed a snapshot: the revisions it skipped were never published here, so
+    /// every watch ends with `Lagged` and resumes from the event history the snapshot carries
+    /// (DESIGN §3a.10).
+    pub reset: bool,
 }
 
 /// Most events read from the history for one catch-up.
@@ -203,6 +207,10 @@ impl Watches {
 
     /// Turns published events into frames in `outbox`.
     pub fn on_published(&mut self, published: &Published) {
+        if published.reset {
+            self.on_lagged();
+            return;
+        }
         // Runs per connection per commit: borrow the fields apart instead of moving watches.
         for (id, state) in &mut self.watches {
             deliver(
