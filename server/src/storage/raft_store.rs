@@ -291,7 +291,21 @@ impl RaftStore {
         input: PersistInput<'_>,
     ) -> Result<Vec<(u64, Applied)>, StorageError> {
         let mut txn = self.storage.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+        // Applying committed entries (and moving the commit index) needs no fsync of its own:
+        // the entries are durable already and the applied state, recorded atomically with
+        // the applied index, is re-derived from them after a crash (DESIGN §3a.3). Only new
+        // entries, a new term or vote, and snapshots must be durable before the Ready's
+        // messages go out.
+        let needs_sync = input.snapshot.is_some()
+            || !input.entries.is_empty()
+            || input.hard_state.is_some_and(|hs| {
+                (hs.term, hs.vote) != (self.hard_state.term, self.hard_state.vote)
+            });
+        txn.set_durability(if needs_sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         let mut pos = self.pos;
         let mut hard_state = self.hard_state;
         let mut conf = self.conf.clone();
