@@ -37,13 +37,15 @@ impl TestServer {
     }
 
     /// Starts a server over an already opened storage.
-    pub async fn start_on(config: Config, storage: Storage) -> TestServer {
+    pub async fn start_on(mut config: Config, storage: Storage) -> TestServer {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        // Members tell clients this address (HelloOk, NotLeader redirects).
+        config.client_addr = addr.to_string();
         let dir = config.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(lockd_server::node::run_with_storage(
