@@ -20,6 +20,9 @@ use crate::conn::{Answer, CallError, ConnectError, Connection};
 use crate::error::{Error, Result};
 use crate::session::{self, Registry, Session, SessionShared};
 
+/// Longest wait for a hinted leader's handshake before the endpoints are tried instead.
+const HINT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// A handle to a lockd cluster. Cheap to clone: clones share one connection, the default
 /// session and the keepalive task.
 ///
@@ -257,7 +260,7 @@ impl Client {
     }
 
     /// Stops using `conn` for new requests (requests in flight on it still complete).
-    fn retire(&self, conn: &Connection) {
+    pub(crate) fn retire(&self, conn: &Connection) {
         let mut current = lock(&self.inner.current);
         if current.as_ref().map(|c| c.generation) == Some(conn.generation) {
             *current = None;
@@ -309,7 +312,13 @@ impl Client {
                 }
                 attempts += 1;
                 dial.generation += 1;
-                let timeout = config.connect_timeout.min(deadline - now);
+                // A hinted leader may be one that stopped answering (paused, or just
+                // deposed): give it less time before falling back on the endpoints.
+                let patience = match index {
+                    None => config.connect_timeout.min(HINT_CONNECT_TIMEOUT),
+                    Some(_) => config.connect_timeout,
+                };
+                let timeout = patience.min(deadline - now);
                 let push: Arc<dyn crate::conn::PushHandler> = Arc::new(crate::watch::ConnPush {
                     generation: dial.generation,
                     registry: self.inner.registry.clone(),
@@ -358,7 +367,8 @@ impl Client {
     }
 
     /// Follows a `NotLeader` answer: prefer the hinted leader's client address when known.
-    fn follow_leader(&self, conn: &Connection, hint: Option<u64>) {
+    /// True if that names another node than `conn`'s.
+    fn follow_leader(&self, conn: &Connection, hint: Option<u64>) -> bool {
         let addr = hint.and_then(|id| {
             conn.hello
                 .members
@@ -366,13 +376,16 @@ impl Client {
                 .find(|m| m.id == id)
                 .map(|m| m.client_addr.clone())
         });
+        let mut redirected = false;
         if let Some(addr) = addr {
             if addr != conn.addr {
                 tracing::debug!(leader = %addr, "following the leader hint");
                 *lock(&self.inner.preferred) = Some(addr);
+                redirected = true;
             }
         }
         self.retire(conn);
+        redirected
     }
 
     /// Sends `request` under `policy`, retrying as the policy allows until the request
@@ -426,14 +439,23 @@ impl Client {
                         return Err(Error::Server(e));
                     }
                     tracing::debug!(revision, "retryable error: {e}");
-                    match &e {
+                    let redirected = match &e {
                         lockd_protocol::Error::NotLeader { leader_hint } => {
                             self.follow_leader(&conn, *leader_hint)
                         }
-                        lockd_protocol::Error::ShuttingDown => self.retire(&conn),
-                        _ => {}
-                    }
-                    delay = config.backoff.next(delay);
+                        lockd_protocol::Error::ShuttingDown => {
+                            self.retire(&conn);
+                            false
+                        }
+                        _ => false,
+                    };
+                    // A hint naming another node is news: follow it at once. Without one
+                    // (no leader yet), back off.
+                    delay = if redirected {
+                        Duration::ZERO
+                    } else {
+                        config.backoff.next(delay)
+                    };
                     Error::Server(e)
                 }
                 Ok(Answer::KeepAlive(_)) => {
@@ -453,7 +475,12 @@ impl Client {
                     Error::ConnectionLost { reason }
                 }
                 Err(CallError::Rejected(e)) => return Err(Error::Invalid(e)),
-                Err(CallError::Timeout) => return Err(Error::Timeout(config.request_timeout)),
+                Err(CallError::Timeout) => {
+                    // A node that accepts but never answers (paused, wedged) must not keep
+                    // this client: the next request dials again.
+                    self.retire(&conn);
+                    return Err(Error::Timeout(config.request_timeout));
+                }
             };
             drop(conn);
             if attempts >= config.max_attempts || Instant::now() >= deadline {

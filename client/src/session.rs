@@ -537,6 +537,14 @@ async fn keepalive_round(
     };
     match conn.call(request_id, msg, deadline).await {
         Ok(Answer::KeepAlive(results)) => Ok(results),
+        Err(crate::conn::CallError::Timeout) => {
+            // Unanswered for a whole round: the node may be paused or cut off from its
+            // leader. Dial again (another endpoint) for the next round.
+            client.retire(&conn);
+            Err(Error::Timeout(
+                deadline.saturating_duration_since(Instant::now()),
+            ))
+        }
         Ok(other) => Err(Error::Protocol(format!(
             "unexpected answer to a keepalive: {other:?}"
         ))),
@@ -577,8 +585,10 @@ pub(crate) async fn keepalive_loop(client: WeakClient, registry: Arc<Registry>) 
             return;
         };
         let ids: Vec<SessionId> = sessions.iter().map(|s| s.id()).collect();
+        // The round itself gives up at `round_deadline` (retiring a silent connection);
+        // the outer bound only guards against a stuck dial.
         let result = tokio::time::timeout_at(
-            round_deadline,
+            round_deadline + MIN_INTERVAL,
             keepalive_round(&strong, ids, round_deadline),
         )
         .await;

@@ -911,7 +911,12 @@ async fn leader_sigkill_under_load_loses_no_acknowledged_write() {
         latest.insert(a.path.clone(), a.data.clone());
     }
     let session_acked = acked.iter().filter(|a| a.path == "/s2/session").count() as u64;
-    let expected: Vec<(String, Vec<u8>)> = latest.into_iter().collect();
+    // The session node's last set may have applied without an acknowledgement (its writer
+    // stops at the first error): it is checked by version below, not by data.
+    let expected: Vec<(String, Vec<u8>)> = latest
+        .into_iter()
+        .filter(|(path, _)| path != "/s2/session")
+        .collect();
     for &id in &survivors {
         assert_all_present(&cluster.addr(id), &expected, false, "survivor").await;
         let got = pinned_client(&cluster.addr(id))
@@ -1434,9 +1439,6 @@ async fn stopped_leader_is_replaced_and_steps_down_without_stale_answers() {
 /// A client connected to the leader when it is SIGSTOPped (its TCP connection stays up) moves
 /// on to the new leader within a bounded time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "client bug: a connection whose requests time out is never retired \
-            (client/src/client.rs Client::execute returns Error::Timeout without retire), \
-            so a client connected to a SIGSTOPped leader times out forever"]
 async fn client_of_a_stopped_leader_moves_on_to_the_new_leader() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(Settings::fast()).await;
