@@ -126,8 +126,10 @@ pub fn apply<S: FsmStore>(store: &mut S, entry: &Entry) -> Result<Applied, Store
     let rev = entry.index;
     let mut fx = locks::LockEffects::default();
     let mut applied = match &entry.kind {
-        // Noop and Expire answer nobody; the result is a placeholder.
-        EntryKind::Noop => Applied::reply(rev, Ok(Reply::SessionClosed)),
+        // Noop and Expire answer nobody; the result is a placeholder. A configuration entry
+        // changes nothing here (the consensus core and the Raft store keep the
+        // configuration): it only advances the applied index, as a no-op does.
+        EntryKind::Noop | EntryKind::Config(_) => Applied::reply(rev, Ok(Reply::SessionClosed)),
         EntryKind::Command(command) => apply_command(store, entry, command, &mut fx)?,
     };
     let previous = store.applied()?;

@@ -52,11 +52,15 @@ pub struct RaftConfig {
     /// Index the driver's state machine has already applied (restart); committed entries
     /// above it are handed out again.
     pub applied: u64,
+    /// A learner is promoted only if its match index is at most this many entries behind
+    /// the leader's last index ([`super::ConfChangeError::LearnerBehind`]).
+    pub max_promote_lag: u64,
 }
 
 impl RaftConfig {
     /// Defaults for a node id: election 10 ticks, heartbeat 1, 256 in flight, 1 MiB batches,
-    /// 3 MiB entries, 16 MiB applied per Ready, pre-vote and check-quorum on, seed = id.
+    /// 3 MiB entries, 16 MiB applied per Ready, pre-vote and check-quorum on, seed = id,
+    /// promotion within 1000 entries of the leader.
     pub fn new(id: u64) -> RaftConfig {
         RaftConfig {
             id,
@@ -70,6 +74,7 @@ impl RaftConfig {
             check_quorum: true,
             seed: id,
             applied: 0,
+            max_promote_lag: 1000,
         }
     }
 

@@ -1,7 +1,8 @@
 //! The consensus core: roles, terms, elections (pre-vote, check-quorum, leader stickiness),
 //! and the dispatch of every input (`tick`, `step`, `propose`, `read_index`). Replication is
-//! in `replication.rs` (leader side) and `follower.rs`; the output side (`ready`, `advance`)
-//! in `ready.rs`. Pure: no clock, no IO; the only randomness is the seeded RNG.
+//! in `replication.rs` (leader side) and `follower.rs`; membership in `membership.rs`, leader
+//! transfer in `transfer.rs`; the output side (`ready`, `advance`) in `ready.rs`. Pure: no
+//! clock, no IO; the only randomness is the seeded RNG.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +12,7 @@ use tracing::{debug, warn};
 
 use super::config::{ConfigError, RaftConfig};
 use super::log::RaftLog;
+use super::membership::{self, ConfLog};
 use super::message::{entry_size, AppendResult, HardState, Message, MessageKind};
 use super::progress::{ProgressTracker, VoteResult};
 use super::read_only::{ReadOnly, ReadRequest};
@@ -50,6 +52,9 @@ pub enum ProposeError {
         /// The limit.
         max: u64,
     },
+    /// Configuration entries go through [`Raft::propose_conf_change`], which checks them.
+    #[error("configuration changes are proposed with propose_conf_change")]
+    ConfigEntry,
 }
 
 /// Why a read index could not be requested.
@@ -103,8 +108,14 @@ pub struct Raft<S> {
     pub(super) role: Role,
     /// The log.
     pub(super) log: RaftLog<S>,
-    /// Progress of every member (meaningful on the leader), and the membership.
+    /// Progress of every member (meaningful on the leader), and the membership in force.
+    /// Invariant: `tracker.conf == conf_log.current()` (kept by `apply_conf`).
     pub(super) tracker: ProgressTracker,
+    /// The configurations of the log: where the one in force comes from, and what a
+    /// truncation rolls back to.
+    pub(super) conf_log: ConfLog,
+    /// The configuration changed since the last Ready.
+    pub(super) conf_dirty: bool,
     /// (Pre-)votes received in the current campaign.
     pub(super) votes: BTreeMap<u64, bool>,
     /// Ticks since the last heartbeat from a leader (follower), since the campaign began
@@ -124,8 +135,10 @@ pub struct Raft<S> {
     pub(super) read_only: ReadOnly,
     /// Reads whose index is known, for the next Ready.
     pub(super) read_states: Vec<ReadState>,
-    /// Leader transfer target (reserved for the membership issue; never set yet).
+    /// Leader transfer target (leader only; proposals are refused while set).
     pub(super) transferee: Option<u64>,
+    /// Leader ticks since the transfer began; it is aborted after an election timeout.
+    pub(super) transfer_elapsed: u32,
     /// Snapshot chunks received so far (follower).
     pub(super) staging: Option<Staging>,
     /// Appends should be (re)considered for every follower at the next `ready`.
@@ -141,9 +154,10 @@ impl<S: Storage> Raft<S> {
     pub fn new(cfg: RaftConfig, store: S) -> Result<Raft<S>, NewRaftError> {
         cfg.validate()?;
         let (hs, conf) = store.initial_state()?;
+        let conf_log = membership::recover(&store, conf)?;
         let log = RaftLog::new(store, hs.commit, cfg.applied)?;
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let tracker = ProgressTracker::new(conf, cfg.max_inflight_msgs);
+        let tracker = ProgressTracker::new(conf_log.current().clone(), cfg.max_inflight_msgs);
         let mut r = Raft {
             id: cfg.id,
             cfg,
@@ -153,6 +167,8 @@ impl<S: Storage> Raft<S> {
             role: Role::Follower,
             log,
             tracker,
+            conf_log,
+            conf_dirty: false,
             votes: BTreeMap::new(),
             election_elapsed: 0,
             heartbeat_elapsed: 0,
@@ -163,6 +179,7 @@ impl<S: Storage> Raft<S> {
             read_only: ReadOnly::default(),
             read_states: Vec::new(),
             transferee: None,
+            transfer_elapsed: 0,
             staging: None,
             bcast_pending: false,
             commit_dirty: false,
@@ -253,8 +270,8 @@ impl<S: Storage> Raft<S> {
                 self.become_follower(self.term, None);
                 return;
             }
-            self.transferee = None;
         }
+        self.tick_transfer();
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
             self.heartbeat_elapsed = 0;
             self.bcast_heartbeat();
@@ -277,7 +294,8 @@ impl<S: Storage> Raft<S> {
         self.tracker.has_quorum(&active)
     }
 
-    /// Whether this node may campaign (it is a voter).
+    /// Whether this node may campaign: it is a voter in its configuration (learners, removed
+    /// nodes and nodes waiting to join never campaign).
     pub fn promotable(&self) -> bool {
         self.tracker.conf.voters.contains(&self.id)
     }
@@ -294,7 +312,8 @@ impl<S: Storage> Raft<S> {
         self.randomized_timeout = self.rng.random_range(e..2 * e);
         self.votes.clear();
         self.read_only.clear();
-        self.transferee = None;
+        self.abort_transfer();
+        self.tracker.prune();
         self.tracker.reset(self.log.last_index());
     }
 
@@ -339,8 +358,12 @@ impl<S: Storage> Raft<S> {
         debug!(id = self.id, term = self.term, "became leader");
     }
 
-    /// Starts a pre-vote round (if `pre`) or an election.
+    /// Starts a pre-vote round (if `pre`) or an election; never outside the voters.
     pub(super) fn campaign(&mut self, pre: bool, transfer: bool) {
+        if !self.promotable() {
+            debug!(id = self.id, "not a voter; no campaign");
+            return;
+        }
         let vote_term = if pre {
             self.become_pre_candidate();
             self.term.saturating_add(1)
@@ -612,6 +635,9 @@ impl<S: Storage> Raft<S> {
         }
         if self.transferee.is_some() {
             return Err(ProposeError::TransferInProgress);
+        }
+        if matches!(kind, EntryKind::Config(_)) {
+            return Err(ProposeError::ConfigEntry);
         }
         let entry = Entry {
             index: self.log.last_index() + 1,

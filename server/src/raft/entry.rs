@@ -2,6 +2,7 @@
 
 use bincode::{Decode, Encode};
 
+use super::membership::ConfChange;
 use crate::fsm::Command;
 
 /// One log entry. Its `index` is the revision of every change it makes.
@@ -30,4 +31,8 @@ pub enum EntryKind {
     Noop,
     /// A state machine command.
     Command(Command),
+    /// A single-server configuration change (§4.1). In force on each node once appended to
+    /// its log; a no-op for the state machine's namespace (the applied index and revision
+    /// still advance). Appended only through [`super::Raft::propose_conf_change`].
+    Config(ConfChange),
 }

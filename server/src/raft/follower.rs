@@ -39,6 +39,17 @@ impl<S: Storage> Raft<S> {
             warn!(id = self.id, from, prev_index, "malformed append dropped");
             return;
         }
+        if self.conf_log.is_unconfigured() {
+            // A new member: its first entries need the configuration they build on, which
+            // only a snapshot carries (raft/membership.rs).
+            self.send(
+                from,
+                MessageKind::AppendResp {
+                    result: AppendResult::NeedSnapshot,
+                },
+            );
+            return;
+        }
         if prev_index < self.log.committed {
             let committed = self.log.committed;
             self.send(
@@ -53,6 +64,7 @@ impl<S: Storage> Raft<S> {
             .log
             .maybe_append(prev_index, prev_term, commit, entries)
         {
+            self.sync_conf(prev_index, entries);
             self.send(
                 from,
                 MessageKind::AppendResp {
@@ -170,12 +182,12 @@ impl<S: Storage> Raft<S> {
             term = staged.meta.term,
             "installing snapshot"
         );
-        let next = index + 1;
-        self.tracker.set_conf(staged.meta.conf.clone(), next);
+        self.conf_log.reset(index, staged.meta.conf.clone());
         self.log.restore(Snapshot {
             meta: staged.meta,
             data: staged.data,
         });
+        self.apply_conf();
         self.send(
             from,
             MessageKind::AppendResp {

@@ -3,10 +3,9 @@
 //! frame them with `lockd_protocol::codec`. Messages come from the network and are untrusted:
 //! the core validates them and drops bad ones; nothing here panics on content.
 
-use std::collections::BTreeSet;
-
 use bincode::{Decode, Encode};
 
+use super::membership::Configuration;
 use super::Entry;
 
 /// What must be durable before messages of a Ready leave the node (§3a.1).
@@ -19,36 +18,6 @@ pub struct HardState {
     /// Highest index known committed. Persisting it lets a restart re-apply without waiting
     /// for a leader; it never decreases.
     pub commit: u64,
-}
-
-/// Cluster membership: voters decide elections and commits; learners only replicate.
-/// Invariant: `voters` and `learners` are disjoint.
-#[derive(Encode, Decode, Clone, Debug, Default, PartialEq, Eq)]
-pub struct Configuration {
-    /// Members that vote and count for commit.
-    pub voters: BTreeSet<u64>,
-    /// Members that receive the log but never vote or count for commit.
-    pub learners: BTreeSet<u64>,
-}
-
-impl Configuration {
-    /// A configuration of voters only.
-    pub fn with_voters(voters: impl IntoIterator<Item = u64>) -> Configuration {
-        Configuration {
-            voters: voters.into_iter().collect(),
-            learners: BTreeSet::new(),
-        }
-    }
-
-    /// Every member, voters then learners, each once.
-    pub fn members(&self) -> impl Iterator<Item = u64> + '_ {
-        self.voters.iter().chain(self.learners.iter()).copied()
-    }
-
-    /// Whether `id` is a voter or a learner.
-    pub fn contains(&self, id: u64) -> bool {
-        self.voters.contains(&id) || self.learners.contains(&id)
-    }
 }
 
 /// Identifies a snapshot: the state machine as of `index`, whose entry had `term`, with the
@@ -104,6 +73,10 @@ pub enum AppendResult {
         /// The follower's term at `hint_index` (0 if unknown).
         hint_term: u64,
     },
+    /// The follower has no configuration (a new member that has not yet received a
+    /// snapshot): it takes no entries until a snapshot gives it one. Sent at once, without
+    /// anything durable to claim.
+    NeedSnapshot,
 }
 
 /// The kinds of messages.
@@ -233,7 +206,7 @@ pub fn entry_size(entry: &Entry) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::EntryKind;
+    use crate::raft::{ConfChange, EntryKind};
     use lockd_protocol::codec::{from_bytes, to_bytes};
 
     #[test]
@@ -245,6 +218,21 @@ mod tests {
             time_ms: 9,
             kind: EntryKind::Noop,
         };
+        let conf_entry = Entry {
+            index: 4,
+            kind: EntryKind::Config(ConfChange::AddLearner {
+                id: 4,
+                peer_addr: "10.0.0.4:7101".into(),
+                client_addr: "10.0.0.4:7001".into(),
+            }),
+            ..entry.clone()
+        };
+        let mut conf = Configuration::with_voters([1, 2, 3]);
+        conf.apply(&ConfChange::AddLearner {
+            id: 4,
+            peer_addr: "p".into(),
+            client_addr: "c".into(),
+        });
         let kinds = vec![
             MessageKind::PreVote {
                 last_index: 1,
@@ -258,7 +246,7 @@ mod tests {
             MessageKind::Append {
                 prev_index: 2,
                 prev_term: 2,
-                entries: vec![entry.clone()],
+                entries: vec![entry.clone(), conf_entry],
                 commit: 2,
             },
             MessageKind::AppendResp {
@@ -276,7 +264,7 @@ mod tests {
                 meta: SnapshotMeta {
                     index: 7,
                     term: 2,
-                    conf: Configuration::with_voters([1, 2, 3]),
+                    conf,
                     time_ms: 5,
                 },
                 offset: 0,
@@ -289,6 +277,9 @@ mod tests {
                 reject: false,
             },
             MessageKind::TimeoutNow,
+            MessageKind::AppendResp {
+                result: AppendResult::NeedSnapshot,
+            },
             MessageKind::ReadIndexResp { ctx: 1, index: 2 },
         ];
         for kind in kinds {

@@ -66,12 +66,14 @@ mod core;
 mod entry;
 mod follower;
 mod log;
+mod membership;
 mod message;
 mod progress;
 mod read_only;
 mod ready;
 mod replication;
 mod storage;
+mod transfer;
 
 #[cfg(test)]
 mod tests;
@@ -80,10 +82,11 @@ pub use config::{ConfigError, RaftConfig};
 pub use core::{NewRaftError, ProposeError, Raft, ReadIndexError, ReadState, Role};
 pub use entry::{Entry, EntryKind};
 pub use log::RaftLog;
+pub use membership::{ConfChange, ConfChangeError, Configuration, MemberInfo};
 pub use message::{
-    entry_size, AppendResult, Configuration, HardState, Message, MessageKind, Snapshot,
-    SnapshotMeta,
+    entry_size, AppendResult, HardState, Message, MessageKind, Snapshot, SnapshotMeta,
 };
 pub use progress::{Inflights, Progress, ProgressState, ProgressTracker, VoteResult};
 pub use ready::{Ready, SoftState};
 pub use storage::{MemStorage, Storage, StorageError};
+pub use transfer::TransferError;

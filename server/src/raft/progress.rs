@@ -5,7 +5,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::message::{Configuration, SnapshotMeta};
+use super::membership::Configuration;
+use super::message::SnapshotMeta;
 
 /// Flow-control state of one follower.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +199,10 @@ impl Progress {
 }
 
 /// Progress of every member, by id (ordered: iteration is deterministic).
-/// Invariant: keys = `conf.members()`.
+/// Invariant: keys ⊇ `conf.ids()`; the others are members a leader's uncommitted
+/// configuration removed: it still replicates to them (so they learn of their removal) but
+/// never counts them, and forgets them ([`ProgressTracker::prune`]) once that configuration
+/// commits.
 #[derive(Debug, Clone)]
 pub struct ProgressTracker {
     /// The membership in force.
@@ -220,10 +224,10 @@ impl ProgressTracker {
         t
     }
 
-    /// Replaces the membership; new members start probing at `next`.
+    /// Replaces the membership; new members start probing at `next`. Removed members keep
+    /// their progress until [`ProgressTracker::prune`].
     pub fn set_conf(&mut self, conf: Configuration, next: u64) {
-        self.progress.retain(|id, _| conf.contains(*id));
-        for id in conf.members() {
+        for id in conf.ids() {
             let learner = conf.learners.contains(&id);
             let cap = self.cap;
             self.progress
@@ -232,6 +236,12 @@ impl ProgressTracker {
                 .or_insert_with(|| Progress::new(next, cap, learner));
         }
         self.conf = conf;
+    }
+
+    /// Forgets the progress of nodes that are no longer members.
+    pub fn prune(&mut self) {
+        let conf = &self.conf;
+        self.progress.retain(|id, _| conf.contains(*id));
     }
 
     /// Resets every member for a new leader whose last index is `last`.

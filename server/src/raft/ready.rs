@@ -2,6 +2,7 @@
 //! and `advance` (the driver reports it done). The contract is in the docs of [`super`].
 
 use super::core::{Raft, ReadState, Role};
+use super::membership::Configuration;
 use super::message::{HardState, Message, Snapshot};
 use super::storage::Storage;
 use super::Entry;
@@ -38,6 +39,11 @@ pub struct Ready {
     pub committed_entries: Vec<Entry>,
     /// Reads whose index is known: serve each once applied ≥ its index.
     pub read_states: Vec<ReadState>,
+    /// The configuration in force, if it changed since the previous Ready (a change was
+    /// appended, truncated away, or came with a snapshot). The driver adds new members to its
+    /// peer transport before sending this Ready's messages and drops removed ones after.
+    /// At startup it reads [`Raft::conf`] instead.
+    pub conf: Option<Configuration>,
     /// (index, term) of the last entry in `entries`, for `advance`.
     last_entry: Option<(u64, u64)>,
 }
@@ -52,6 +58,7 @@ impl<S: Storage> Raft<S> {
             || !self.msgs.is_empty()
             || !self.msgs_early.is_empty()
             || !self.read_states.is_empty()
+            || self.conf_dirty
             || (self.role == Role::Leader && self.bcast_pending)
             || (self.log.pending_snapshot().is_none() && self.log.committed > self.log.applied)
     }
@@ -68,6 +75,14 @@ impl<S: Storage> Raft<S> {
     /// Collects the work to do. Call `advance` with it before calling `ready` again.
     pub fn ready(&mut self) -> Ready {
         self.flush_appends();
+        // Committed configuration entries are never truncated: stop tracking them, and stop
+        // replicating to the members they removed (the appends just flushed told them the
+        // commit index when they could).
+        self.conf_log.fold_committed(self.log.committed);
+        if self.pending_conf_index().is_none() {
+            self.tracker.prune();
+        }
+        let conf = std::mem::take(&mut self.conf_dirty).then(|| self.tracker.conf.clone());
         let hs = self.hard_state();
         let hard_state = (hs != self.prev_hs).then_some(hs);
         self.prev_hs = hs;
@@ -86,6 +101,7 @@ impl<S: Storage> Raft<S> {
             messages: std::mem::take(&mut self.msgs),
             committed_entries: self.log.next_committed_entries(self.cfg.max_apply_bytes),
             read_states: std::mem::take(&mut self.read_states),
+            conf,
             last_entry,
         }
     }

@@ -73,8 +73,15 @@ impl<S: Storage> Raft<S> {
                 }
                 if moved {
                     self.maybe_commit();
+                    self.maybe_send_timeout_now(from);
                 }
                 self.bcast_pending = true;
+            }
+            AppendResult::NeedSnapshot => {
+                if pr.state != ProgressState::Snapshot {
+                    debug!(id = self.id, from, "member without configuration; snapshot");
+                    self.start_snapshot(from);
+                }
             }
             AppendResult::Reject {
                 rejected,
@@ -133,6 +140,7 @@ impl<S: Storage> Raft<S> {
         if resend_chunk {
             self.send_snapshot_chunk(from);
         }
+        self.maybe_send_timeout_now(from);
         self.read_only.ack(from, read_ctx);
         self.complete_reads();
     }
@@ -157,6 +165,7 @@ impl<S: Storage> Raft<S> {
 
     /// Raises commit to the quorum-median of voters' match indexes, only if that entry is of
     /// the current term (§3.6.2: older entries commit indirectly). Returns whether it moved.
+    /// A leader whose removal this commits steps down (§4.2.2).
     pub(super) fn maybe_commit(&mut self) -> bool {
         let index = self.tracker.committed_index();
         if index <= self.log.committed || self.log.term(index) != Ok(self.term) {
@@ -167,6 +176,7 @@ impl<S: Storage> Raft<S> {
         self.bcast_pending = true;
         // The first commit of the term unblocks held reads (§6.4).
         self.maybe_start_read_round();
+        self.maybe_step_down_removed();
         true
     }
 
@@ -330,7 +340,7 @@ impl<S: Storage> Raft<S> {
     }
 
     /// Answers the round in flight if a quorum confirmed it, then starts the next one.
-    fn complete_reads(&mut self) {
+    pub(super) fn complete_reads(&mut self) {
         let tracker = &self.tracker;
         let Some(round) = self.read_only.take_if(|acks| tracker.has_quorum(acks)) else {
             return;

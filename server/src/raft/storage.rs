@@ -3,8 +3,9 @@
 //! driver writes it (persisting each Ready) before calling `advance`. A redb-backed
 //! implementation belongs in `storage/`, not here.
 
-use super::message::{entry_size, Configuration, HardState, SnapshotMeta};
-use super::Entry;
+use super::membership::Configuration;
+use super::message::{entry_size, HardState, SnapshotMeta};
+use super::{Entry, EntryKind};
 
 /// Why storage could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,8 +27,14 @@ pub enum StorageError {
 /// Durable state read by the core. Indexes: entries span `first_index()..=last_index()`;
 /// `first_index() - 1` is the snapshot index, whose term `term()` must still answer.
 pub trait Storage {
-    /// Hard state and membership as of the last persisted Ready (startup).
+    /// Hard state as of the last persisted Ready, and the configuration as of
+    /// [`Storage::conf_index`] (startup).
     fn initial_state(&self) -> Result<(HardState, Configuration), StorageError>;
+    /// The index the configuration of [`Storage::initial_state`] is as of. Every entry after
+    /// it must still be in the log (`conf_index() + 1 >= first_index()`): the core replays
+    /// the configuration entries after it (see `raft/membership.rs`, Recovery). A store that
+    /// keeps the configuration with its applied state answers its applied index.
+    fn conf_index(&self) -> Result<u64, StorageError>;
     /// Entries in `[lo, hi)`, stopping once their encoded size would exceed `max_bytes`
     /// (always at least one entry when `lo < hi`).
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, StorageError>;
@@ -49,13 +56,13 @@ pub trait Storage {
     ) -> Result<(Vec<u8>, bool), StorageError>;
 }
 
-/// An in-memory [`Storage`], written by a test driver.
+/// An in-memory [`Storage`], written by a test driver. Its configuration is the snapshot's:
+/// `conf_index` is the snapshot index, and the entries after it are all kept.
 /// Invariants: `entries` are consecutive from `offset + 1`; `snapshot.index ≥ offset`
 /// (entries are compacted only below a snapshot); the term at `offset` is `offset_term`.
 #[derive(Debug, Clone, Default)]
 pub struct MemStorage {
     hard_state: HardState,
-    conf: Configuration,
     snapshot: SnapshotMeta,
     snapshot_data: Vec<u8>,
     /// Index of the last compacted entry (0 if none).
@@ -67,10 +74,14 @@ pub struct MemStorage {
 
 impl MemStorage {
     /// Empty storage of a cluster bootstrapped with these voters.
+    /// An empty voter list gives a node without configuration (a new member about to join).
     pub fn new_with_voters(voters: impl IntoIterator<Item = u64>) -> MemStorage {
-        let conf = Configuration::with_voters(voters);
+        MemStorage::new_with_conf(Configuration::with_voters(voters))
+    }
+
+    /// Empty storage of a cluster bootstrapped with this membership.
+    pub fn new_with_conf(conf: Configuration) -> MemStorage {
         MemStorage {
-            conf: conf.clone(),
             snapshot: SnapshotMeta {
                 index: 0,
                 term: 0,
@@ -79,14 +90,6 @@ impl MemStorage {
             },
             ..MemStorage::default()
         }
-    }
-
-    /// Empty storage of a cluster bootstrapped with this membership.
-    pub fn new_with_conf(conf: Configuration) -> MemStorage {
-        let mut s = MemStorage::new_with_voters([]);
-        s.snapshot.conf = conf.clone();
-        s.conf = conf;
-        s
     }
 
     /// Records the hard state.
@@ -116,7 +119,6 @@ impl MemStorage {
     /// only snapshots beyond its log) and takes its membership.
     pub fn apply_snapshot(&mut self, meta: SnapshotMeta, data: Vec<u8>) {
         self.entries.clear();
-        self.conf = meta.conf.clone();
         self.hard_state.commit = self.hard_state.commit.max(meta.index);
         self.offset = meta.index;
         self.offset_term = meta.term;
@@ -125,15 +127,25 @@ impl MemStorage {
     }
 
     /// Records a snapshot of the state machine at `index` (an applied index within the log)
-    /// taken by the driver. Entries stay until [`MemStorage::compact`].
-    pub fn create_snapshot(&mut self, index: u64, conf: Configuration, data: Vec<u8>) {
+    /// taken by the driver, with the configuration as of `index` (the previous snapshot's
+    /// plus the configuration entries up to `index`). Entries stay until
+    /// [`MemStorage::compact`].
+    pub fn create_snapshot(&mut self, index: u64, data: Vec<u8>) {
         if index <= self.snapshot.index {
             return;
         }
-        let Ok(es) = self.entries(index, index + 1, u64::MAX) else {
+        let Ok(es) = self.entries(self.snapshot.index + 1, index + 1, u64::MAX) else {
             return;
         };
-        let Some(e) = es.first() else { return };
+        let Some(e) = es.last().filter(|e| e.index == index) else {
+            return;
+        };
+        let mut conf = self.snapshot.conf.clone();
+        for c in &es {
+            if let EntryKind::Config(change) = &c.kind {
+                conf.apply(change);
+            }
+        }
         self.snapshot = SnapshotMeta {
             index,
             term: e.term,
@@ -170,7 +182,11 @@ impl MemStorage {
 
 impl Storage for MemStorage {
     fn initial_state(&self) -> Result<(HardState, Configuration), StorageError> {
-        Ok((self.hard_state, self.conf.clone()))
+        Ok((self.hard_state, self.snapshot.conf.clone()))
+    }
+
+    fn conf_index(&self) -> Result<u64, StorageError> {
+        Ok(self.snapshot.index)
     }
 
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {

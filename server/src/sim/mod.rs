@@ -625,9 +625,8 @@ impl Sim {
             return;
         }
         let data = encode_entries(&n.applied_log);
-        let conf = raft.tracker().conf.clone();
         let store = raft.store_mut();
-        store.create_snapshot(n.applied, conf, data);
+        store.create_snapshot(n.applied, data);
         store.compact(n.applied.saturating_sub(margin));
     }
 }

@@ -6,8 +6,12 @@
 //! Layout (same database as [`Storage`]): `raft_log` (index → entry), `raft_state` (`term`,
 //! `vote`, `commit`, `first_index`, `offset_term`: the first index held and the term of the
 //! entry just before it), the fsm tables (the configuration as of the applied index is the
-//! `conf` record of `fsm_meta`, so every snapshot carries the one at its own index, §3a.8),
-//! and `snapshot_staging` ((term, index, offset) → chunk, §3a.10).
+//! `conf` record of `fsm_meta`, rewritten in the transaction that applies a configuration
+//! entry, so every snapshot carries the one at its own index, §3a.8), and
+//! `snapshot_staging` ((term, index, offset) → chunk, §3a.10). Configurations appended but
+//! not yet applied need no record of their own: they are the `Config` entries of
+//! `raft_log` after the applied index, which the core replays on top of `conf` at startup
+//! ([`raft::Storage::conf_index`] is the applied index).
 //!
 //! Snapshots are not stored as files: a snapshot is the fsm tables dumped from one read
 //! transaction at the applied index ([`super::snapshot`]). The dump is built when the core
@@ -33,7 +37,8 @@ use super::{
 };
 use crate::fsm::{self, Applied, FsmRead};
 use crate::raft::{
-    self, Configuration, Entry, HardState, Ready, Snapshot, SnapshotMeta, StorageError as RaftError,
+    self, Configuration, Entry, EntryKind, HardState, Ready, Snapshot, SnapshotMeta,
+    StorageError as RaftError,
 };
 
 /// Chunks of a snapshot being received, keyed by (term, index, offset).
@@ -100,7 +105,9 @@ pub struct RaftStore {
     storage: Storage,
     pos: LogPos,
     hard_state: HardState,
+    /// The configuration as of `conf_index` (the applied index).
     conf: Configuration,
+    conf_index: u64,
     image: Mutex<Option<Arc<Image>>>,
 }
 
@@ -150,6 +157,7 @@ impl RaftStore {
             Some(v) => decode(v.value())?,
             None => Configuration::default(),
         };
+        let conf_index = FsmView::new(&txn).applied()?.index;
         Ok(RaftStore {
             storage,
             pos: LogPos {
@@ -160,6 +168,7 @@ impl RaftStore {
             },
             hard_state,
             conf,
+            conf_index,
             image: Mutex::new(None),
         })
     }
@@ -283,7 +292,8 @@ impl RaftStore {
     /// fsync, installs the snapshot (verified first; the log suffix after it is kept only if
     /// the entry at its index has its term, Figure 5.3), appends the entries (truncating a
     /// conflicting suffix), writes the hard state, applies the committed entries recording
-    /// the applied index, and compacts the log more than the storage's retain margin below
+    /// the applied index (and, for configuration entries, the configuration as of it), and
+    /// compacts the log more than the storage's retain margin below
     /// the applied index. Returns each applied entry's outcome, in order. On error nothing
     /// was written.
     pub fn persist(
@@ -309,6 +319,7 @@ impl RaftStore {
         let mut pos = self.pos;
         let mut hard_state = self.hard_state;
         let mut conf = self.conf.clone();
+        let mut conf_applied = false;
         if let Some(snap) = input.snapshot {
             install(&txn, snap, &mut pos)?;
             hard_state.commit = hard_state.commit.max(snap.meta.index);
@@ -342,10 +353,18 @@ impl RaftStore {
                     )));
                 }
                 outcomes.push((entry.index, fsm::apply(&mut fsm_txn, entry)?));
+                if let EntryKind::Config(change) = &entry.kind {
+                    conf.apply(change);
+                    conf_applied = true;
+                }
                 applied = entry.index;
             }
             applied
         };
+        if conf_applied {
+            txn.open_table(FSM_META)?
+                .insert(KEY_CONF, enc(&conf)?.as_slice())?;
+        }
         {
             let mut log = txn.open_table(RAFT_LOG)?;
             let mut state = txn.open_table(RAFT_STATE)?;
@@ -359,6 +378,7 @@ impl RaftStore {
         self.pos = pos;
         self.hard_state = hard_state;
         self.conf = conf;
+        self.conf_index = applied;
         if let Some(snap) = input.snapshot {
             *self.lock_image() = Some(Arc::new(Image {
                 meta: snap.meta.clone(),
@@ -480,6 +500,10 @@ impl raft::Storage for RaftStore {
         Ok((self.hard_state, self.conf.clone()))
     }
 
+    fn conf_index(&self) -> Result<u64, RaftError> {
+        Ok(self.conf_index)
+    }
+
     fn entries(&self, lo: u64, hi: u64, max_bytes: u64) -> Result<Vec<Entry>, RaftError> {
         if lo < self.pos.first {
             return Err(RaftError::Compacted);
@@ -570,5 +594,81 @@ impl raft::Storage for RaftStore {
             image.data[start as usize..end as usize].to_vec(),
             end == len,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::{ConfChange, Raft, RaftConfig, Storage as _};
+    use crate::storage::backend::LossyBackend;
+
+    fn entry(index: u64, kind: EntryKind) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            proposer_term: 1,
+            time_ms: index,
+            kind,
+        }
+    }
+
+    /// DESIGN §3a.8: the configuration as of the applied index is stored with the applied
+    /// state (so snapshots carry it); appended configuration entries after it are replayed
+    /// by the core at startup.
+    #[test]
+    fn s4_1_configuration_applied_with_its_entry_and_recovered_with_the_log() {
+        let backend = LossyBackend::new();
+        let storage = Storage::with_backend(backend.clone(), 1000).unwrap();
+        let mut store = RaftStore::open(storage).unwrap();
+        store
+            .bootstrap(Configuration::with_voters([1, 2, 3]))
+            .unwrap();
+        let add = ConfChange::AddLearner {
+            id: 4,
+            peer_addr: "p4".into(),
+            client_addr: "c4".into(),
+        };
+        let es = vec![
+            entry(1, EntryKind::Noop),
+            entry(2, EntryKind::Config(add.clone())),
+            entry(3, EntryKind::Config(ConfChange::Promote { id: 4 })),
+        ];
+        store
+            .persist(PersistInput {
+                snapshot: None,
+                entries: &es,
+                hard_state: Some(HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: 2,
+                }),
+                committed: &es[..2],
+            })
+            .unwrap();
+        let mut applied_conf = Configuration::with_voters([1, 2, 3]);
+        applied_conf.apply(&add);
+        assert_eq!(store.conf_index().unwrap(), 2);
+        assert_eq!(store.initial_state().unwrap().1, applied_conf);
+        let meta = store.create_snapshot().unwrap();
+        assert_eq!((meta.index, &meta.conf), (2, &applied_conf));
+        drop(store);
+
+        let storage =
+            Storage::with_backend(LossyBackend::from_image(backend.crash_image()), 1000).unwrap();
+        let store = RaftStore::open(storage).unwrap();
+        assert_eq!(store.conf_index().unwrap(), 2);
+        assert_eq!(store.initial_state().unwrap().1, applied_conf);
+        let raft = Raft::new(
+            RaftConfig {
+                applied: 2,
+                ..RaftConfig::new(1)
+            },
+            store,
+        )
+        .unwrap();
+        let mut expected = applied_conf;
+        expected.apply(&ConfChange::Promote { id: 4 });
+        assert_eq!(raft.conf(), &expected, "entry 3 replayed on top");
     }
 }

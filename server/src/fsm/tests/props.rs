@@ -391,7 +391,8 @@ fn apply_checked(store: &mut MemStore, entry: &Entry) -> Applied {
             | Command::EndLockDelay { .. }
             | Command::ExpireWaiters { .. },
         )
-        | EntryKind::Noop => true,
+        | EntryKind::Noop
+        | EntryKind::Config(_) => true,
         EntryKind::Command(Command::CloseSession { .. }) => applied.result.is_err(),
     };
     if unchanged_namespace {

@@ -20,9 +20,8 @@ fn lagging_follower(chunk: u64) -> (Network, Vec<u8>) {
     let applied = net.node(1).applied();
     assert_eq!(applied, 21);
     let data: Vec<u8> = (0..100u8).collect();
-    let conf = net.node(1).tracker().conf.clone();
     let store = net.node(1).store_mut();
-    store.create_snapshot(applied - 2, conf, data.clone());
+    store.create_snapshot(applied - 2, data.clone());
     store.compact(applied - 2);
     (net, data)
 }
@@ -188,9 +187,8 @@ fn s3a_12_entry_time_survives_compaction() {
         .propose(crate::raft::EntryKind::Noop, 1, 700)
         .unwrap();
     net.stabilize();
-    let conf = net.node(1).tracker().conf.clone();
     let store = net.node(1).store_mut();
-    store.create_snapshot(2, conf, vec![]);
+    store.create_snapshot(2, vec![]);
     store.compact(2);
     assert_eq!(net.node(1).last_entry_time(), 700);
     net.restart(1);
