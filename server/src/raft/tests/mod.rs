@@ -2,7 +2,9 @@
 //! sections (or DESIGN rules) they check.
 
 mod election;
+mod membership;
 mod network;
 mod read_index;
 mod replication;
 mod snapshot;
+mod transfer;

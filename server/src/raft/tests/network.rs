@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::raft::{
-    Entry, EntryKind, MemStorage, Message, Raft, RaftConfig, ReadState, Ready, Role,
+    ConfChange, ConfChangeError, Entry, EntryKind, MemStorage, Message, Raft, RaftConfig,
+    ReadState, Ready, Role,
 };
 
 /// A message rewriting hook: `None` drops the message.
@@ -89,6 +90,28 @@ impl Network {
 
     pub fn node(&mut self, id: u64) -> &mut Raft<MemStorage> {
         self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Adds node `id` over `store` (e.g. `MemStorage::new_with_voters([])`: a new member
+    /// waiting to be added), configured by `f`.
+    pub fn add_node(&mut self, id: u64, store: MemStorage, f: impl Fn(RaftConfig) -> RaftConfig) {
+        self.nodes.insert(id, Raft::new(f(cfg(id)), store).unwrap());
+    }
+
+    /// Proposes a configuration change on `id` at its current term.
+    pub fn conf_change(&mut self, id: u64, change: ConfChange) -> Result<u64, ConfChangeError> {
+        let term = self.node(id).term();
+        self.node(id).propose_conf_change(change, term, 0)
+    }
+
+    /// Has `id` snapshot its state machine at its applied index (empty data) and compact its
+    /// log up to it, so that new and lagging members catch up by snapshot.
+    pub fn snapshot(&mut self, id: u64) -> u64 {
+        let applied = self.node(id).applied();
+        let store = self.node(id).store_mut();
+        store.create_snapshot(applied, Vec::new());
+        store.compact(applied);
+        applied
     }
 
     /// Handles one Ready of `id` per the contract. Returns it.
