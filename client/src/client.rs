@@ -53,6 +53,9 @@ pub(crate) struct Inner {
     current: Mutex<Option<Arc<Connection>>>,
     /// Preferred next address (the hinted leader), set without waiting for the dial lock.
     preferred: Mutex<Option<String>>,
+    /// Set when the current node cannot serve (removed, unavailable): the next dial starts
+    /// at the next endpoint instead of the same one.
+    rotate: AtomicBool,
     dial: tokio::sync::Mutex<DialState>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) watches: Arc<crate::watch::WatchRouter>,
@@ -138,6 +141,7 @@ impl Client {
                 next_request_id: AtomicU64::new(1),
                 current: Mutex::new(None),
                 preferred: Mutex::new(None),
+                rotate: AtomicBool::new(false),
                 dial: tokio::sync::Mutex::new(DialState::default()),
                 registry: Arc::new(Registry::default()),
                 watches: Arc::new(crate::watch::WatchRouter::default()),
@@ -229,6 +233,33 @@ impl Client {
         }
     }
 
+    /// Changes the cluster's membership, one server at a time (sent to the leader; see
+    /// docs/operations.md). Resolves with the cluster as the leader sees it once the change
+    /// applied there.
+    pub async fn change_members(
+        &self,
+        change: lockd_protocol::MemberChange,
+    ) -> Result<ClusterStatusResponse> {
+        let (revision, reply) = self
+            .execute(Request::ChangeMembers(change), Policy::Once)
+            .await?;
+        match reply {
+            Reply::ClusterStatus(status) => Ok(ClusterStatusResponse { status, revision }),
+            other => Err(unexpected("ClusterStatus", &other)),
+        }
+    }
+
+    /// Hands leadership to member `to` (§3.10). Resolves once `to` leads.
+    pub async fn transfer_leader(&self, to: u64) -> Result<ClusterStatusResponse> {
+        let (revision, reply) = self
+            .execute(Request::TransferLeader { to }, Policy::Once)
+            .await?;
+        match reply {
+            Reply::ClusterStatus(status) => Ok(ClusterStatusResponse { status, revision }),
+            other => Err(unexpected("ClusterStatus", &other)),
+        }
+    }
+
     pub(crate) fn downgrade(&self) -> WeakClient {
         WeakClient(Arc::downgrade(&self.inner))
     }
@@ -295,6 +326,9 @@ impl Client {
                 if !list.contains(m) {
                     list.push(m.clone());
                 }
+            }
+            if self.inner.rotate.swap(false, Ordering::AcqRel) {
+                dial.next = dial.next.wrapping_add(1);
             }
             let mut candidates: Vec<(Option<usize>, String)> = Vec::new();
             if let Some(p) = lock(&self.inner.preferred).take() {
@@ -443,7 +477,10 @@ impl Client {
                         lockd_protocol::Error::NotLeader { leader_hint } => {
                             self.follow_leader(&conn, *leader_hint)
                         }
-                        lockd_protocol::Error::ShuttingDown => {
+                        // A node shutting down, removed, or unable to serve: try another.
+                        lockd_protocol::Error::ShuttingDown
+                        | lockd_protocol::Error::Unavailable(_) => {
+                            self.inner.rotate.store(true, Ordering::Release);
                             self.retire(&conn);
                             false
                         }

@@ -336,6 +336,8 @@ async fn sessionless_write_in_flight_on_a_lost_connection_is_indeterminate() {
 
 #[tokio::test]
 async fn retryable_errors_are_retried_and_not_leader_follows_the_hint() {
+    // a is unavailable (say, cut off from its leader): the client moves on to the next
+    // member, b; b is a follower naming a as leader; a, reached again, takes the write.
     let a = Mock::new().await;
     let b = Mock::new().await;
     let members = vec![
@@ -351,28 +353,24 @@ async fn retryable_errors_are_retried_and_not_leader_follows_the_hint() {
     let addr_a = a.addr.clone();
     let m = members.clone();
     let server_a = tokio::spawn(async move {
+        let mut first = a.accept(1, m.clone()).await;
+        let (rid, _) = next_request(&mut first).await;
+        let unavailable = Err(protocol::Error::Unavailable("election".into()));
+        reply(&mut first, rid, 0, unavailable).await;
         let mut conn = a.accept(1, m).await;
-        let (rid, _) = next_request(&mut conn).await;
-        reply(
-            &mut conn,
-            rid,
-            0,
-            Err(protocol::Error::Unavailable("election".into())),
-        )
-        .await;
         let (rid, req) = next_request(&mut conn).await;
         assert!(matches!(req, Request::Write { session: None, .. }));
-        let hint = Err(protocol::Error::NotLeader {
-            leader_hint: Some(2),
-        });
-        reply(&mut conn, rid, 0, hint).await;
-        conn
+        reply(&mut conn, rid, 8, created("/w")).await;
+        (first, conn)
     });
     let server_b = tokio::spawn(async move {
         let mut conn = b.accept(2, members).await;
         let (rid, req) = next_request(&mut conn).await;
         assert!(matches!(req, Request::Write { session: None, .. }));
-        reply(&mut conn, rid, 8, created("/w")).await;
+        let hint = Err(protocol::Error::NotLeader {
+            leader_hint: Some(1),
+        });
+        reply(&mut conn, rid, 0, hint).await;
         conn
     });
     let client = Client::with_config(config(&[&addr_a]))
@@ -383,11 +381,11 @@ async fn retryable_errors_are_retried_and_not_leader_follows_the_hint() {
         .await
         .expect("create via leader");
     assert_eq!(c.revision, 8);
-    let _a = server_a.await.expect("mock a");
+    let (_first, conn) = server_a.await.expect("mock a");
     let _b = server_b.await.expect("mock b");
     assert_eq!(
         client.connected_to(),
-        Some(_b.get_ref().local_addr().expect("addr").to_string())
+        Some(conn.get_ref().local_addr().expect("addr").to_string())
     );
 }
 

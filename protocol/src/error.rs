@@ -137,6 +137,10 @@ pub enum Error {
     /// No such watch on this connection.
     #[error("no watch {watch_id}")]
     NoSuchWatch { watch_id: u64 },
+    /// A membership change or leader transfer the cluster refuses as asked (unknown member,
+    /// already a member, a learner still behind, the last voter, ...).
+    #[error("membership change refused: {0}")]
+    MembershipRefused(String),
 }
 
 /// The error inside [`Error::MultiFailed`]: an [`Error`] behind a box whose decoding refuses

@@ -19,7 +19,7 @@ pub use types::*;
 
 /// Version of the client protocol spoken by this crate. A server answers a `Hello` with
 /// another version with [`Error::UnsupportedVersion`] and closes the connection.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// How far above a session's floor a request's seq may be: the most requests one session may
 /// have in flight. The server keeps at most this many responses per session.

@@ -60,6 +60,27 @@ pub enum Request {
     Watch(WatchRequest),
     /// Ends a watch stream; answered `WatchCancelled`.
     CancelWatch { watch_id: u64 },
+    /// Changes the cluster's membership, one server at a time (leader only); answered with
+    /// the `ClusterStatus` once the configuration entry applied.
+    ChangeMembers(MemberChange),
+    /// Hands leadership to member `to` (leader only, §3.10); answered with the
+    /// `ClusterStatus` once `to` leads, or an error if the transfer aborted.
+    TransferLeader { to: u64 },
+}
+
+/// One membership change (DESIGN §3a.8).
+#[derive(Encode, Decode, Clone, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Adds a non-voting learner that receives the log; start it with `lockd --join`.
+    AddLearner {
+        id: u64,
+        peer_addr: String,
+        client_addr: String,
+    },
+    /// Makes a caught-up learner a voter.
+    Promote { id: u64 },
+    /// Removes a member (the leader included: it steps down once the change commits).
+    Remove { id: u64 },
 }
 
 /// Names a lock grant: writes carrying it apply only while the grant holds the lock.
@@ -461,4 +482,6 @@ pub struct ClusterStatus {
     pub commit_index: u64,
     pub applied_index: u64,
     pub members: Vec<MemberInfo>,
+    /// Members (of `members`) that are non-voting learners.
+    pub learners: Vec<u64>,
 }

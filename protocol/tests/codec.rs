@@ -202,6 +202,23 @@ fn request() -> BoxedStrategy<Request> {
             })
         ),
         num().prop_map(|watch_id| Request::CancelWatch { watch_id }),
+        member_change().prop_map(Request::ChangeMembers),
+        num().prop_map(|to| Request::TransferLeader { to }),
+    ]
+    .boxed()
+}
+
+fn member_change() -> BoxedStrategy<MemberChange> {
+    prop_oneof![
+        (num(), text(), text()).prop_map(|(id, peer_addr, client_addr)| {
+            MemberChange::AddLearner {
+                id,
+                peer_addr,
+                client_addr,
+            }
+        }),
+        num().prop_map(|id| MemberChange::Promote { id }),
+        num().prop_map(|id| MemberChange::Remove { id }),
     ]
     .boxed()
 }
@@ -381,6 +398,7 @@ fn error() -> BoxedStrategy<Error> {
         num().prop_map(|oldest| Error::Compacted { oldest }),
         num().prop_map(|resume_from| Error::Lagged { resume_from }),
         num().prop_map(|watch_id| Error::NoSuchWatch { watch_id }),
+        text().prop_map(Error::MembershipRefused),
     ];
     leaf.prop_recursive(3, 8, 1, |inner| {
         (num32(), inner).prop_map(|(index, error)| Error::MultiFailed {
@@ -435,9 +453,15 @@ fn cluster_status() -> BoxedStrategy<ClusterStatus> {
         (num(), num(), prop::option::of(num())),
         (num(), num(), num()),
         members(),
+        prop::collection::vec(num(), 0..3),
     )
         .prop_map(
-            |((cluster_id, node_id, leader), (term, commit_index, applied_index), members)| {
+            |(
+                (cluster_id, node_id, leader),
+                (term, commit_index, applied_index),
+                members,
+                learners,
+            )| {
                 ClusterStatus {
                     cluster_id,
                     node_id,
@@ -446,6 +470,7 @@ fn cluster_status() -> BoxedStrategy<ClusterStatus> {
                     commit_index,
                     applied_index,
                     members,
+                    learners,
                 }
             },
         )
@@ -1042,8 +1067,10 @@ fn unknown_tags_are_malformed() {
     assert!(malformed_client(&[0x03]));
     assert!(malformed_client(&[0xFA]));
     assert!(malformed_server(&[0x08]));
-    // Request tag 8 inside a valid ClientMessage::Request { request_id: 0, .. }.
-    assert!(malformed_client(&[0x01, 0x00, 0x08]));
+    // Request tag 10 inside a valid ClientMessage::Request { request_id: 0, .. }; MemberChange
+    // tag 3 in a ChangeMembers.
+    assert!(malformed_client(&[0x01, 0x00, 0x0A]));
+    assert!(malformed_client(&[0x01, 0x00, 0x08, 0x03, 0x00]));
     // ReadOp tag 5 in a Read { Linearizable, .. }; Consistency tag 2.
     assert!(malformed_client(&[0x01, 0x00, 0x00, 0x00, 0x05, 0x00]));
     assert!(malformed_client(&[0x01, 0x00, 0x00, 0x02, 0x00, 0x00]));
@@ -1054,8 +1081,8 @@ fn unknown_tags_are_malformed() {
     ]));
     // Option tag 2 (session of a write).
     assert!(malformed_client(&[0x01, 0x00, 0x01, 0x02]));
-    // Error tag 32 (one past NoSuchWatch) in a Goodbye; Result tag 2 in a Response.
-    assert!(malformed_server(&[0x04, 32]));
+    // Error tag 33 (one past MembershipRefused) in a Goodbye; Result tag 2 in a Response.
+    assert!(malformed_server(&[0x04, 33]));
     assert!(malformed_server(&[0x01, 0x00, 0x00, 0x02]));
     // Reply tag 11, KeepAliveResult tag 2, SessionEventKind tag 2.
     assert!(malformed_server(&[0x01, 0x00, 0x00, 0x00, 0x0B]));
@@ -1063,6 +1090,9 @@ fn unknown_tags_are_malformed() {
     assert!(malformed_server(&[0x03, 0x00, 0x00, 0x02]));
     // Known last variants still decode (the tables above are right).
     assert!(!malformed_server(&[0x04, 31, 0x00]));
+    assert!(!malformed_server(&[0x04, 32, 0x00]));
+    assert!(!malformed_client(&[0x01, 0x00, 0x09, 0x05]));
+    assert!(!malformed_client(&[0x01, 0x00, 0x08, 0x02, 0x05]));
     assert!(!malformed_server(&[0x01, 0x00, 0x00, 0x00, 0x0A]));
     assert!(!malformed_client(&[0x01, 0x00, 0x07, 0x00]));
     assert!(!malformed_server(&[0x03, 0x00, 0x00, 0x01]));

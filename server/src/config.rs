@@ -26,6 +26,10 @@ pub struct Config {
     pub peers: String,
     /// Election timeout in ticks (randomized in [n, 2n)); heartbeats go every tick.
     pub election_ticks: u32,
+    /// Start as a new member of an existing cluster: record no initial configuration, never
+    /// campaign, wait for the leader (after `lockctl cluster add`). `peers` then gives the
+    /// existing members' peer addresses.
+    pub join: bool,
     /// Cluster identity, fixed at bootstrap: its hash is the cluster id.
     pub cluster_token: String,
     /// Length of one tick: session deadlines are checked once per tick.
@@ -68,6 +72,7 @@ impl Default for Config {
             peer_addr: "127.0.0.1:7101".to_string(),
             peers: String::new(),
             election_ticks: 10,
+            join: false,
             cluster_token: "lockd".to_string(),
             tick_ms: 100,
             session_ttl_min_ms: 1_000,
@@ -171,7 +176,12 @@ impl Config {
                 return Err(ConfigError(format!("peers: node {id} is named twice")));
             }
         }
-        if !map.is_empty() && !map.contains_key(&self.id) {
+        if self.join && map.keys().all(|&id| id == self.id) {
+            return Err(ConfigError(
+                "join needs peers: the peer addresses of the cluster's members".into(),
+            ));
+        }
+        if !self.join && !map.is_empty() && !map.contains_key(&self.id) {
             return Err(ConfigError(format!(
                 "peers does not name this node (--id {})",
                 self.id

@@ -30,6 +30,10 @@ struct Flags {
     /// election timeout in ticks, randomized in [n, 2n) (default 10)
     #[argh(option)]
     election_ticks: Option<u32>,
+    /// join an existing cluster as a new member (after `lockctl cluster add`): never
+    /// campaigns before the leader adds it; --peers gives the members' peer addresses
+    #[argh(switch)]
+    join: bool,
     /// the cluster's identity, fixed when the data directory is created (default "lockd")
     #[argh(option)]
     cluster_token: Option<String>,
@@ -95,6 +99,9 @@ fn load_config(flags: Flags) -> Result<Config, String> {
         peers,
         election_ticks
     );
+    if flags.join {
+        config.join = true;
+    }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }

@@ -92,7 +92,14 @@ pub(crate) fn cluster_json(status: &ClusterStatus, revision: u64) -> Value {
     let members: Vec<Value> = status
         .members
         .iter()
-        .map(|m| json!({"id": m.id, "client_addr": m.client_addr, "leader": status.leader == Some(m.id)}))
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "client_addr": m.client_addr,
+                "leader": status.leader == Some(m.id),
+                "learner": status.learners.contains(&m.id),
+            })
+        })
         .collect();
     json!({
         "cluster_id": format!("{:#x}", status.cluster_id),
@@ -117,6 +124,8 @@ pub(crate) fn cluster_text(status: &ClusterStatus, revision: u64) -> String {
     for m in &status.members {
         let role = if status.leader == Some(m.id) {
             " (leader)"
+        } else if status.learners.contains(&m.id) {
+            " (learner)"
         } else {
             ""
         };

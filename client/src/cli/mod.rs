@@ -257,12 +257,63 @@ pub struct ClusterCmd {
 pub enum ClusterCommand {
     /// `cluster status`
     Status(ClusterStatusCmd),
+    /// `cluster add`
+    Add(ClusterAddCmd),
+    /// `cluster promote`
+    Promote(ClusterPromoteCmd),
+    /// `cluster remove`
+    Remove(ClusterRemoveCmd),
+    /// `cluster transfer-leader`
+    TransferLeader(ClusterTransferCmd),
 }
 
 /// Show the cluster as the answering node sees it: leader, term, indexes, members.
 #[derive(FromArgs, Debug, PartialEq)]
 #[argh(subcommand, name = "status")]
 pub struct ClusterStatusCmd {}
+
+/// Add a member as a non-voting learner; then start it with `lockd --join --id ID ...`, and
+/// promote it once it has caught up.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "add")]
+pub struct ClusterAddCmd {
+    /// the new member's node id
+    #[argh(positional)]
+    pub id: u64,
+    /// its peer address (HOST:PORT)
+    #[argh(positional)]
+    pub peer_addr: String,
+    /// its client address (HOST:PORT)
+    #[argh(positional)]
+    pub client_addr: String,
+}
+
+/// Make a caught-up learner a voter.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "promote")]
+pub struct ClusterPromoteCmd {
+    /// the learner's node id
+    #[argh(positional)]
+    pub id: u64,
+}
+
+/// Remove a member (the leader too: it steps down once the change commits).
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "remove")]
+pub struct ClusterRemoveCmd {
+    /// the member's node id
+    #[argh(positional)]
+    pub id: u64,
+}
+
+/// Hand leadership to another voter (e.g. before maintenance of the leader's machine).
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "transfer-leader")]
+pub struct ClusterTransferCmd {
+    /// the voter to lead
+    #[argh(positional)]
+    pub id: u64,
+}
 
 /// The endpoints to use: the flag, else the environment variable's value, else the default.
 /// Empty items are ignored.

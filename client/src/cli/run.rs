@@ -203,15 +203,42 @@ pub async fn run_code(args: Lockctl) -> Result<u8> {
         Command::Cluster(c) => match c.command {
             ClusterCommand::Status(_) => {
                 let s = client.cluster_status().await?;
-                if out.json {
-                    out.json(cluster_json(&s.status, s.revision));
-                } else {
-                    out.line(&cluster_text(&s.status, s.revision));
-                }
+                print_cluster(&out, &s.status, s.revision);
+            }
+            ClusterCommand::Add(a) => {
+                let change = lockd_protocol::MemberChange::AddLearner {
+                    id: a.id,
+                    peer_addr: a.peer_addr.clone(),
+                    client_addr: a.client_addr.clone(),
+                };
+                let s = client.change_members(change).await?;
+                print_cluster(&out, &s.status, s.revision);
+            }
+            ClusterCommand::Promote(p) => {
+                let change = lockd_protocol::MemberChange::Promote { id: p.id };
+                let s = client.change_members(change).await?;
+                print_cluster(&out, &s.status, s.revision);
+            }
+            ClusterCommand::Remove(r) => {
+                let change = lockd_protocol::MemberChange::Remove { id: r.id };
+                let s = client.change_members(change).await?;
+                print_cluster(&out, &s.status, s.revision);
+            }
+            ClusterCommand::TransferLeader(t) => {
+                let s = client.transfer_leader(t.id).await?;
+                print_cluster(&out, &s.status, s.revision);
             }
         },
     }
     Ok(0)
+}
+
+fn print_cluster(out: &Out, status: &lockd_protocol::ClusterStatus, revision: u64) {
+    if out.json {
+        out.json(cluster_json(status, revision));
+    } else {
+        out.line(&cluster_text(status, revision));
+    }
 }
 
 /// The node path a command names, checked before connecting.

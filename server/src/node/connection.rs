@@ -354,7 +354,44 @@ impl Connection {
                 result,
             })
         };
+        if self.node.removed() {
+            let me = self.node.identity().node_id;
+            let gone = Error::Unavailable(format!(
+                "node {me} was removed from the cluster; use another member"
+            ));
+            return respond(self.node.published_index(), Err(gone));
+        }
         match request {
+            Request::ChangeMembers(change) => {
+                let node = self.node.clone();
+                pending.push(Box::pin(async move {
+                    let result = match node.change_members(change).await {
+                        Ok(()) => Ok(Reply::ClusterStatus(node.status())),
+                        Err(e) => Err(e),
+                    };
+                    Done::Reply(ServerMessage::Response {
+                        request_id,
+                        revision: node.published_index(),
+                        result,
+                    })
+                }));
+                None
+            }
+            Request::TransferLeader { to } => {
+                let node = self.node.clone();
+                pending.push(Box::pin(async move {
+                    let result = match node.transfer_leader(to).await {
+                        Ok(()) => Ok(Reply::ClusterStatus(node.status())),
+                        Err(e) => Err(e),
+                    };
+                    Done::Reply(ServerMessage::Response {
+                        request_id,
+                        revision: node.published_index(),
+                        result,
+                    })
+                }));
+                None
+            }
             Request::Read { consistency, op } => {
                 if let Some((revision, result)) = self.node.read_now(&op, consistency) {
                     return respond(revision, result);

@@ -22,7 +22,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use lockd_protocol::{
-    ClusterStatus, Consistency, Error, KeepAliveResult, MemberInfo, ReadOp, Reply, SessionId,
+    ClusterStatus, Consistency, Error, KeepAliveResult, ReadOp, Reply, SessionId,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, Semaphore};
@@ -32,11 +32,11 @@ use tracing::Instrument;
 
 use crate::config::{Config, ConfigError};
 use crate::fsm::{Applied, Command, FsmRead};
-use crate::raft::RaftConfig;
+use crate::raft::{ConfChange, Configuration, MemberInfo, RaftConfig};
 use crate::storage::{FsmView, Identity, Storage, StorageError};
 use peer::{Inbound, PeerConfig, PeerInfo, PeerTransport};
 pub use replicated::SessionEnded;
-use replicated::{NoPeers, ReplicatedConfig, ReplicatedError, ReplicatedNode};
+use replicated::{NoPeers, Outbox, ReplicatedConfig, ReplicatedError, ReplicatedNode};
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,47 @@ pub fn open_identity(config: &Config, storage: &Storage) -> Result<Identity, Ser
     }
 }
 
+/// The transport as the loop's outbox: the configuration's peer addresses win; members it
+/// records no address for are reached at their `--peers` address.
+struct ClusterOutbox {
+    transport: Arc<PeerTransport>,
+    me: u64,
+    fallback: BTreeMap<u64, SocketAddr>,
+}
+
+impl Outbox for ClusterOutbox {
+    fn send(&self, messages: Vec<crate::raft::Message>) {
+        self.transport.send(messages)
+    }
+    fn send_side(&self, to: u64, message: peer::SideMessage) {
+        self.transport.send_side(to, message)
+    }
+    fn set_members(&self, conf: &Configuration) {
+        let mut peers = BTreeMap::new();
+        for id in conf.ids().filter(|&id| id != self.me) {
+            let info = conf.member(id);
+            let recorded = info
+                .map(|m| m.peer_addr.as_str())
+                .filter(|a| !a.is_empty())
+                .and_then(|a| a.to_socket_addrs().ok()?.next());
+            let Some(addr) = recorded.or_else(|| self.fallback.get(&id).copied()) else {
+                tracing::warn!(peer = id, "no peer address for a member");
+                continue;
+            };
+            let incarnation = info.and_then(|m| m.incarnation);
+            peers.insert(id, PeerInfo { addr, incarnation });
+        }
+        // Keep reaching the `--peers` nodes while this node is not in any configuration yet
+        // (a joining node answers the leader before it learns the configuration).
+        if conf.ids().next().is_none() {
+            for (&id, &addr) in self.fallback.iter().filter(|(&id, _)| id != self.me) {
+                peers.entry(id).or_insert(PeerInfo::from(addr));
+            }
+        }
+        self.transport.set_peers(peers);
+    }
+}
+
 /// Resolves the peer addresses of the initial cluster.
 fn resolve_peers(config: &Config) -> Result<BTreeMap<u64, SocketAddr>, ServerError> {
     let mut peers = BTreeMap::new();
@@ -144,9 +185,28 @@ impl Node {
         raft.max_entry_bytes = config.max_proposal as u64 + 4096;
         // Election timeouts differ per node and per data directory, and replay with it.
         raft.seed = identity.incarnation ^ config.id;
+        let addresses: BTreeMap<u64, MemberInfo> = config
+            .peer_map()?
+            .into_iter()
+            .map(|(id, peer_addr)| {
+                let client_addr = if id == config.id {
+                    config.client_addr.clone()
+                } else {
+                    String::new()
+                };
+                let info = MemberInfo {
+                    peer_addr,
+                    client_addr,
+                    incarnation: (id == config.id).then_some(identity.incarnation),
+                };
+                (id, info)
+            })
+            .collect();
         let replicated_config = ReplicatedConfig {
             raft,
             voters: initial,
+            addresses,
+            join: config.join,
             tick: config.tick(),
             read_timeout: config.tick() * config.election_ticks * 4,
             spin: std::time::Duration::from_micros(config.spin_us),
@@ -175,8 +235,12 @@ impl Node {
             let listener = TcpListener::from_std(listener)?;
             let transport = Arc::new(PeerTransport::start(peer_config, listener, inbound_tx)?);
             tracing::info!(peer_addr = %transport.local_addr(), "peer transport up");
-            let node =
-                ReplicatedNode::start(replicated_config, storage, transport.clone(), inbound_rx)?;
+            let outbox = ClusterOutbox {
+                transport: transport.clone(),
+                me: config.id,
+                fallback: peers.clone(),
+            };
+            let node = ReplicatedNode::start(replicated_config, storage, outbox, inbound_rx)?;
             (node, Some(transport))
         };
         // A node with data keeps its stored configuration and ignores `--peers` for it
@@ -255,6 +319,7 @@ impl Node {
             commit_index: s.commit,
             applied_index: s.applied,
             members: self.members(),
+            learners: self.shared.replicated.conf().learners.into_iter().collect(),
         }
     }
 
@@ -264,9 +329,9 @@ impl Node {
         (leader != 0).then_some(leader)
     }
 
-    /// Client addresses of the members, as far as this node knows them (its own, and those
-    /// its peers told it in their handshakes).
-    pub fn members(&self) -> Vec<MemberInfo> {
+    /// Client addresses of the members in the configuration in force, as far as this node
+    /// knows them (recorded in the configuration, or told by the peer in its handshake).
+    pub fn members(&self) -> Vec<lockd_protocol::MemberInfo> {
         let me = self.shared.identity.node_id;
         let known = self
             .shared
@@ -274,18 +339,90 @@ impl Node {
             .as_ref()
             .map(|t| t.client_addrs())
             .unwrap_or_default();
-        self.shared
-            .voters
-            .iter()
-            .filter_map(|&id| {
+        let conf = self.shared.replicated.conf();
+        let mut ids: Vec<u64> = conf.ids().collect();
+        if ids.is_empty() {
+            ids = self.shared.voters.clone();
+        }
+        ids.into_iter()
+            .filter_map(|id| {
+                let recorded = conf
+                    .member(id)
+                    .map(|m| m.client_addr.clone())
+                    .filter(|a| !a.is_empty());
                 let client_addr = if id == me {
                     self.shared.config.client_addr.clone()
                 } else {
-                    known.get(&id)?.clone()
+                    recorded.or_else(|| known.get(&id).cloned())?
                 };
-                Some(MemberInfo { id, client_addr })
+                Some(lockd_protocol::MemberInfo { id, client_addr })
             })
             .collect()
+    }
+
+    /// Whether a committed configuration removed this node (it then serves no client).
+    pub fn removed(&self) -> bool {
+        self.shared.replicated.removed()
+    }
+
+    /// Proposes a membership change (leader only); resolves once it applied here.
+    pub async fn change_members(&self, change: lockd_protocol::MemberChange) -> Result<(), Error> {
+        use lockd_protocol::MemberChange;
+        let change = match change {
+            MemberChange::AddLearner {
+                id,
+                peer_addr,
+                client_addr,
+            } => {
+                if id == 0 {
+                    return Err(Error::InvalidArgument("member id 0".into()));
+                }
+                for (what, addr) in [("peer", &peer_addr), ("client", &client_addr)] {
+                    if addr
+                        .to_socket_addrs()
+                        .map(|mut a| a.next().is_none())
+                        .unwrap_or(true)
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "{what} address {addr:?} is not HOST:PORT"
+                        )));
+                    }
+                }
+                ConfChange::AddLearner {
+                    id,
+                    peer_addr,
+                    client_addr,
+                }
+            }
+            MemberChange::Promote { id } => ConfChange::Promote { id },
+            MemberChange::Remove { id } => ConfChange::Remove { id },
+        };
+        self.shared
+            .replicated
+            .change_members(change)
+            .await?
+            .result
+            .map(|_| ())
+    }
+
+    /// Hands leadership to `to`; resolves once `to` leads.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        self.shared.replicated.transfer_leader(to).await
+    }
+
+    /// On the leader of a cluster with other voters: hands leadership to one of them before
+    /// this node stops (graceful shutdown), so clients see a short pause, not an election
+    /// timeout. Best effort; returns what happened.
+    pub async fn hand_over_leadership(&self) -> Option<Result<u64, Error>> {
+        let status = self.shared.replicated.status();
+        if !status.is_leader {
+            return None;
+        }
+        let me = self.shared.identity.node_id;
+        let conf = self.shared.replicated.conf();
+        let target = conf.voters.iter().copied().find(|&v| v != me)?;
+        tracing::info!(to = target, "handing leadership over before shutting down");
+        Some(self.transfer_leader(target).await.map(|()| target))
     }
 
     /// Identity of this node's data.
@@ -436,6 +573,14 @@ pub async fn run_with_storage(
                 backoff_ms = (backoff_ms * 2).min(1_000);
             }
         }
+    }
+    // A leader hands over first (§3.10): its clients then see a short pause, not an election.
+    let patience = node.config().tick() * node.config().election_ticks * 4;
+    match tokio::time::timeout(patience, node.hand_over_leadership()).await {
+        Ok(Some(Ok(to))) => tracing::info!(to, "leadership handed over"),
+        Ok(Some(Err(e))) => tracing::warn!(error = %e, "leadership hand-over failed"),
+        Ok(None) => {}
+        Err(_) => tracing::warn!("leadership hand-over timed out"),
     }
     tracing::info!("shutting down: draining connections");
     drop(listener);

@@ -10,7 +10,8 @@
 //! What this module must not do: touch the core or the store (only the loop thread does), or
 //! block on anything but the loop's answer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -25,7 +26,7 @@ pub use super::forward::{KeepAliveReply, KeepAliveResults};
 use super::peer::{Inbound, PeerTransport, SideMessage};
 use super::watch::Published;
 use crate::fsm::{self, Applied, Command, FsmRead};
-use crate::raft::{Configuration, Message, NewRaftError, Raft, RaftConfig};
+use crate::raft::{ConfChange, Configuration, MemberInfo, Message, NewRaftError, Raft, RaftConfig};
 use crate::storage::{FsmView, RaftStore, Storage, StorageError};
 
 /// Commits of events a watcher may fall behind before it lags.
@@ -39,6 +40,8 @@ pub trait Outbox: Send + 'static {
     fn send(&self, messages: Vec<Message>);
     /// Queues a side message (keepalive forwarding) for node `to`; may drop it.
     fn send_side(&self, to: u64, message: SideMessage);
+    /// The configuration changed: reach its members from now on.
+    fn set_members(&self, _conf: &Configuration) {}
 }
 
 impl Outbox for PeerTransport {
@@ -56,6 +59,9 @@ impl<T: Outbox + Sync> Outbox for Arc<T> {
     }
     fn send_side(&self, to: u64, message: SideMessage) {
         (**self).send_side(to, message)
+    }
+    fn set_members(&self, conf: &Configuration) {
+        (**self).set_members(conf)
     }
 }
 
@@ -90,6 +96,11 @@ pub struct ReplicatedConfig {
     pub raft: RaftConfig,
     /// Voters of the initial configuration, recorded only if the store has none yet.
     pub voters: Vec<u64>,
+    /// Addresses of the initial members, recorded with `voters`.
+    pub addresses: BTreeMap<u64, MemberInfo>,
+    /// A joining node: records no initial configuration, never campaigns before the leader
+    /// adds it, and learns the configuration from the leader (DESIGN §3a.9).
+    pub join: bool,
     /// Length of one tick (elections, heartbeats, session deadlines, keepalive batches).
     pub tick: Duration,
     /// A linearizable read or a forwarded keepalive not answered within this time gets
@@ -109,6 +120,8 @@ impl ReplicatedConfig {
         ReplicatedConfig {
             raft: RaftConfig::new(id),
             voters: voters.into_iter().collect(),
+            addresses: BTreeMap::new(),
+            join: false,
             tick: Duration::from_millis(10),
             read_timeout: Duration::from_secs(2),
             spin: Duration::ZERO,
@@ -120,6 +133,7 @@ impl ReplicatedConfig {
 
 pub(super) type ProposalReply = oneshot::Sender<Result<Applied, Error>>;
 pub(super) type ReadReply = oneshot::Sender<Result<u64, Error>>;
+pub(super) type TransferReply = oneshot::Sender<Result<(), Error>>;
 
 /// Inputs of the loop.
 #[derive(Debug)]
@@ -139,6 +153,16 @@ pub(super) enum Input {
     KeepAlive {
         sessions: Vec<SessionId>,
         reply: KeepAliveReply,
+    },
+    /// A membership change, answered like a proposal once its entry applied.
+    ChangeMembers {
+        change: ConfChange,
+        reply: ProposalReply,
+    },
+    /// A leader transfer, answered once the target leads or the transfer ended.
+    Transfer {
+        to: u64,
+        reply: TransferReply,
     },
     /// An implicit session's connection on this node closed.
     Unpin {
@@ -170,6 +194,8 @@ pub(super) struct StatusCell {
     pub active_term: AtomicU64,
     /// Ticks since this node last knew a leader.
     pub leaderless_ticks: AtomicU64,
+    /// The node was a member and a committed configuration no longer names it.
+    pub removed: AtomicBool,
 }
 
 /// A snapshot of a node's consensus state.
@@ -194,6 +220,8 @@ pub struct ReplicatedStatus {
 #[derive(Debug, Clone)]
 pub(super) struct Publish {
     pub status: Arc<StatusCell>,
+    /// The configuration in force (as of this node's last log entry).
+    pub conf: Arc<Mutex<Configuration>>,
     pub watch_events: broadcast::Sender<Arc<Published>>,
     pub session_events: broadcast::Sender<SessionEnded>,
 }
@@ -225,7 +253,16 @@ impl ReplicatedNode {
         mut inbound: tokio::sync::mpsc::Receiver<Inbound>,
     ) -> Result<ReplicatedNode, ReplicatedError> {
         let mut store = RaftStore::open(storage.clone())?;
-        store.bootstrap(Configuration::with_voters(config.voters.iter().copied()))?;
+        if !config.join {
+            let mut initial = Configuration::with_voters(config.voters.iter().copied());
+            initial.members = config
+                .addresses
+                .iter()
+                .filter(|(id, _)| initial.voters.contains(id))
+                .map(|(&id, info)| (id, info.clone()))
+                .collect();
+            store.bootstrap(initial)?;
+        }
         let mut raft_config = config.raft.clone();
         raft_config.applied = store.applied()?;
         let id = raft_config.id;
@@ -236,6 +273,7 @@ impl ReplicatedNode {
         let (session_events, _) = broadcast::channel(4096);
         let publish = Publish {
             status: Arc::new(StatusCell::default()),
+            conf: Arc::new(Mutex::new(raft.conf().clone())),
             watch_events,
             session_events,
         };
@@ -284,6 +322,35 @@ impl ReplicatedNode {
     /// Voters of the configuration the node started with.
     pub fn voters(&self) -> Vec<u64> {
         self.voters.clone()
+    }
+
+    /// The configuration in force on this node.
+    pub fn conf(&self) -> Configuration {
+        self.publish
+            .conf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether a committed configuration removed this node.
+    pub fn removed(&self) -> bool {
+        self.publish.status.removed.load(Ordering::Acquire)
+    }
+
+    /// Proposes a membership change (leader only); resolves once its entry applied here.
+    pub async fn change_members(&self, change: ConfChange) -> Result<Applied, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::ChangeMembers { change, reply })?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Hands leadership to `to` (leader only); resolves once `to` leads, or with an error
+    /// if the transfer was refused or aborted.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Transfer { to, reply })?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
     /// The node's database (for reads of the applied state).

@@ -31,6 +31,8 @@ use std::time::Instant;
 
 use lockd_protocol::{Error, SessionId};
 
+mod membership;
+
 use super::forward::{Forwarder, KeepAliveReply};
 use super::leader::LeaderDuties;
 use super::peer::SideMessage;
@@ -124,6 +126,10 @@ pub(super) struct Driver {
     forwarder: Forwarder,
     /// Implicit sessions of this node's live connections: never expired while pinned.
     pinned: BTreeSet<SessionId>,
+    /// The leader transfer this node started, if any.
+    transfer: Option<membership::Transfer>,
+    /// Whether this node has been in a configuration (a joining node is not yet).
+    was_member: bool,
 }
 
 impl Driver {
@@ -148,6 +154,7 @@ impl Driver {
             .status
             .applied
             .store(raft.applied(), Ordering::Release);
+        outbox.set_members(raft.conf());
         let tick_ms = config.tick.as_millis().max(1) as u64;
         let driver = Driver {
             time_base_ms: raft.last_entry_time(),
@@ -167,6 +174,8 @@ impl Driver {
             duties: LeaderDuties::new(tick_ms),
             forwarder: Forwarder::default(),
             pinned: BTreeSet::new(),
+            transfer: None,
+            was_member: false,
         };
         driver.publish_status();
         Ok(driver)
@@ -256,6 +265,8 @@ impl Driver {
                     self.forwarder.gather(sessions, reply);
                 }
             }
+            Input::ChangeMembers { change, reply } => self.change_members(change, reply),
+            Input::Transfer { to, reply } => self.start_transfer(to, reply),
             Input::Unpin { session } => {
                 self.pinned.remove(&session);
                 self.duties.unpin(session);
@@ -623,6 +634,7 @@ impl Driver {
         }
         self.was_leader = leader;
         self.seen_term = term;
+        self.after_membership();
         self.publish_status();
     }
 
@@ -649,6 +661,7 @@ impl Driver {
         for (_, reply) in self.forwarder.take_all() {
             let _ = reply.send(Err(error.clone()));
         }
+        self.fail_transfer(error);
     }
 
     fn publish_status(&self) {
