@@ -57,6 +57,8 @@ pub enum ServerError {
     PeerAddr { addr: String, reason: String },
     #[error("cannot start the node: {0}")]
     Start(#[from] ReplicatedError),
+    #[error("{0}")]
+    RefusedByCluster(String),
     #[error("the event loop stopped: {0}")]
     LoopStopped(String),
 }
@@ -143,6 +145,14 @@ impl Outbox for ClusterOutbox {
             }
         }
         self.transport.set_peers(peers);
+    }
+    fn peer_identities(&self) -> BTreeMap<u64, (u64, String)> {
+        let addrs = self.transport.client_addrs();
+        self.transport
+            .incarnations()
+            .into_iter()
+            .map(|(id, inc)| (id, (inc, addrs.get(&id).cloned().unwrap_or_default())))
+            .collect()
     }
 }
 
@@ -360,6 +370,31 @@ impl Node {
             .collect()
     }
 
+    /// Resolves if the cluster refuses this node's data directory: a peer holds a different
+    /// incarnation for this node id (the directory was wiped or replaced, DESIGN §3a.9).
+    /// Never resolves in a one-member cluster.
+    pub async fn refused_by_cluster(&self) -> String {
+        let me = self.shared.identity.node_id;
+        let Some(transport) = self.shared.transport.clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let refusal = transport.refusals().into_iter().find(|r| {
+                !r.by_us && matches!(r.reason, peer::RefuseReason::WrongIncarnation { id, .. } if id == me)
+            });
+            if let Some(r) = refusal {
+                return format!(
+                    "the cluster refuses this node: {} (this data directory is not the one the \
+                     cluster knows as node {me}; it was wiped or replaced. Remove node {me} with \
+                     `lockctl cluster remove {me}`, then add it again and start it with --join: \
+                     see docs/operations.md)",
+                    r.reason
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// Whether a committed configuration removed this node (it then serves no client).
     pub fn removed(&self) -> bool {
         self.shared.replicated.removed()
@@ -531,10 +566,17 @@ pub async fn run_with_storage(
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(node.config().max_connections));
     let loop_stopped = node.clone();
+    let refused = node.clone();
+    let fatal: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let fatal_set = fatal.clone();
     let shutdown = async move {
         tokio::select! {
             _ = shutdown => {}
             _ = loop_stopped.stopped() => tracing::error!("event loop stopped; shutting down"),
+            why = refused.refused_by_cluster() => {
+                tracing::error!("{why}");
+                *fatal_set.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+            }
         }
     };
     tokio::pin!(shutdown);
@@ -591,5 +633,13 @@ pub async fn run_with_storage(
     let result = tokio::task::spawn_blocking(move || stopper.stop())
         .await
         .map_err(|e| ServerError::LoopStopped(e.to_string()))?;
-    result.map_err(ServerError::Storage)
+    result.map_err(ServerError::Storage)?;
+    let fatal = fatal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    match fatal {
+        Some(why) => Err(ServerError::RefusedByCluster(why)),
+        None => Ok(()),
+    }
 }

@@ -42,6 +42,10 @@ pub trait Outbox: Send + 'static {
     fn send_side(&self, to: u64, message: SideMessage);
     /// The configuration changed: reach its members from now on.
     fn set_members(&self, _conf: &Configuration) {}
+    /// Incarnation and client address each peer presented in its handshake, by node id.
+    fn peer_identities(&self) -> BTreeMap<u64, (u64, String)> {
+        BTreeMap::new()
+    }
 }
 
 impl Outbox for PeerTransport {
@@ -62,6 +66,9 @@ impl<T: Outbox + Sync> Outbox for Arc<T> {
     }
     fn set_members(&self, conf: &Configuration) {
         (**self).set_members(conf)
+    }
+    fn peer_identities(&self) -> BTreeMap<u64, (u64, String)> {
+        (**self).peer_identities()
     }
 }
 

@@ -152,6 +152,39 @@ impl Driver {
         }
     }
 
+    /// On the active leader, once per tick: records in the configuration the incarnation a
+    /// member presented in its handshake, if none is recorded yet (one change at a time).
+    /// From then on its peers refuse any other incarnation under that id: a wiped member
+    /// cannot rejoin under its old id (DESIGN §3a.9).
+    pub(super) fn identify_members(&mut self) {
+        if self.raft.role() != Role::Leader
+            || self.duties.active_term() != Some(self.raft.term())
+            || self.raft.pending_conf_index().is_some()
+            || self.raft.transferee().is_some()
+        {
+            return;
+        }
+        let conf = self.raft.conf();
+        let known = self.outbox.peer_identities();
+        let unrecorded = conf.ids().find_map(|id| {
+            let recorded = conf.member(id).and_then(|m| m.incarnation);
+            match (recorded, known.get(&id)) {
+                (None, Some((incarnation, client_addr))) => Some(ConfChange::Identify {
+                    id,
+                    incarnation: *incarnation,
+                    client_addr: client_addr.clone(),
+                }),
+                _ => None,
+            }
+        });
+        if let Some(change) = unrecorded {
+            let (time_ms, term) = (self.entry_time_ms(), self.raft.term());
+            if let Err(e) = self.raft.propose_conf_change(change, term, time_ms) {
+                tracing::debug!(error = %e, "could not record a member's incarnation");
+            }
+        }
+    }
+
     /// Fails the transfer in progress (the loop stops).
     pub(super) fn fail_transfer(&mut self, error: &Error) {
         if let Some(t) = self.transfer.take() {

@@ -337,6 +337,7 @@ impl Driver {
         if self.duties.active_term() != Some(self.raft.term()) {
             return;
         }
+        self.identify_members();
         let expired = self.duties.take_expired();
         if !expired.is_empty() {
             if let Some(index) = self.propose_own(Command::Expire {

@@ -76,7 +76,7 @@ async fn serve_inbound(shared: Arc<Shared>, stream: TcpStream, cancel: Cancellat
     }
     bump(&shared.counters.handshakes_accepted, 1);
     if let PeerMessage::Hello { client_addr, .. } = &hello.body {
-        shared.learn_client_addr(peer, client_addr);
+        shared.learn_client_addr(peer, client_addr, hello.incarnation);
     }
     // A newer connection from the same peer replaces the old one (its dialer restarted).
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);

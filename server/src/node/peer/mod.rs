@@ -336,6 +336,8 @@ struct Shared {
     peers: Mutex<BTreeMap<u64, Arc<PeerSlot>>>,
     /// Client addresses learned from handshakes, by peer id (only current peers).
     client_addrs: Mutex<BTreeMap<u64, String>>,
+    /// Incarnations presented in handshakes, by peer id (only current peers).
+    incarnations: Mutex<BTreeMap<u64, u64>>,
     /// Accepted connection per peer id: (connection number, its cancel token).
     accepted: Mutex<BTreeMap<u64, (u64, CancellationToken)>>,
     next_conn: AtomicU64,
@@ -385,6 +387,7 @@ impl PeerTransport {
             client_addr: config.client_addr,
             peers: Mutex::new(BTreeMap::new()),
             client_addrs: Mutex::new(BTreeMap::new()),
+            incarnations: Mutex::new(BTreeMap::new()),
             accepted: Mutex::new(BTreeMap::new()),
             next_conn: AtomicU64::new(1),
             inbound,
@@ -455,6 +458,12 @@ impl PeerTransport {
         lock(&self.shared.client_addrs).clone()
     }
 
+    /// Incarnations peers presented in their handshakes, by node id (the leader records
+    /// them in the configuration, DESIGN §3a.9).
+    pub fn incarnations(&self) -> BTreeMap<u64, u64> {
+        lock(&self.shared.incarnations).clone()
+    }
+
     /// Replaces the set of peers: new ones get a writer, removed ones lose theirs (and their
     /// queue), and a changed address or incarnation makes the writer reconnect.
     pub fn set_peers(&self, peers: BTreeMap<u64, PeerInfo>) {
@@ -468,6 +477,7 @@ impl PeerTransport {
             keep
         });
         lock(&shared.client_addrs).retain(|id, _| slots.contains_key(id));
+        lock(&shared.incarnations).retain(|id, _| slots.contains_key(id));
         for (&id, &info) in peers.iter().filter(|(&id, _)| id != shared.id) {
             if let Some(slot) = slots.get(&id) {
                 let mut current = lock(&slot.info);
@@ -574,12 +584,14 @@ impl Shared {
     }
 
     /// Records the client address `peer` told in its handshake (already checked against
-    /// [`MAX_CLIENT_ADDR_LEN`]); an empty one forgets it. Ignored for non-peers.
-    fn learn_client_addr(&self, peer: u64, client_addr: &str) {
+    /// [`MAX_CLIENT_ADDR_LEN`]; an empty one forgets it) and its incarnation. Ignored for
+    /// non-peers.
+    fn learn_client_addr(&self, peer: u64, client_addr: &str, incarnation: u64) {
         let peers = lock(&self.peers);
         if peer == self.id || !peers.contains_key(&peer) {
             return;
         }
+        lock(&self.incarnations).insert(peer, incarnation);
         let mut addrs = lock(&self.client_addrs);
         if client_addr.is_empty() {
             addrs.remove(&peer);

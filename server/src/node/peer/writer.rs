@@ -164,7 +164,7 @@ async fn dial(
             ) {
                 Some(reason) => reason,
                 None => {
-                    shared.learn_client_addr(peer, client_addr);
+                    shared.learn_client_addr(peer, client_addr, answer.incarnation);
                     return Ok((reader, write));
                 }
             }
