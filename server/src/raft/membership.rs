@@ -593,6 +593,10 @@ impl<S: Storage> Raft<S> {
         self.commit_dirty = true;
         self.bcast_pending = true;
         self.flush_appends();
+        // Sent as a follower's messages, after this Ready is durable: only a leader's
+        // appends may go early.
+        let appends = std::mem::take(&mut self.msgs_early);
+        self.msgs.extend(appends);
         let last = self.log.last_index();
         let best = self
             .tracker

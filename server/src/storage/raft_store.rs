@@ -25,6 +25,7 @@
 //! transaction commits. Do not write the log of the same database through
 //! [`Storage::commit_batch`] while a `RaftStore` is open on it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use lockd_protocol::codec::to_bytes;
@@ -119,6 +120,26 @@ fn enc<T: bincode::Encode>(value: &T) -> Result<Vec<u8>, StorageError> {
     to_bytes(value).map_err(corrupt)
 }
 
+/// The configuration record as written before it held members' addresses and incarnations.
+/// Still read, so that data directories made before keep opening.
+#[derive(bincode::Encode, bincode::Decode)]
+struct ConfigurationV1 {
+    voters: BTreeSet<u64>,
+    learners: BTreeSet<u64>,
+}
+
+/// Decodes the stored configuration record (current format, else the first one).
+fn decode_conf(bytes: &[u8]) -> Result<Configuration, StorageError> {
+    decode(bytes).or_else(|e| match decode::<ConfigurationV1>(bytes) {
+        Ok(v1) => Ok(Configuration {
+            voters: v1.voters,
+            learners: v1.learners,
+            members: BTreeMap::new(),
+        }),
+        Err(_) => Err(e),
+    })
+}
+
 impl RaftStore {
     /// Opens the Raft view of `storage`'s database. Discards staged snapshot chunks left by a
     /// crash (the leader restarts an interrupted transfer from offset 0).
@@ -154,7 +175,7 @@ impl RaftStore {
             return Err(corrupt("log ends below its first index"));
         }
         let conf = match txn.open_table(FSM_META)?.get(KEY_CONF)? {
-            Some(v) => decode(v.value())?,
+            Some(v) => decode_conf(v.value())?,
             None => Configuration::default(),
         };
         let conf_index = FsmView::new(&txn).applied()?.index;
@@ -216,7 +237,7 @@ impl RaftStore {
         let txn = self.storage.db.begin_read()?;
         let applied = FsmView::new(&txn).applied()?;
         let conf = match txn.open_table(FSM_META)?.get(KEY_CONF)? {
-            Some(v) => decode(v.value())?,
+            Some(v) => decode_conf(v.value())?,
             None => Configuration::default(),
         };
         let meta = SnapshotMeta {
@@ -670,5 +691,20 @@ mod tests {
         let mut expected = applied_conf;
         expected.apply(&ConfChange::Promote { id: 4 });
         assert_eq!(raft.conf(), &expected, "entry 3 replayed on top");
+    }
+
+    #[test]
+    fn configuration_records_of_the_first_format_still_decode() {
+        let v1 = ConfigurationV1 {
+            voters: [1, 2, 3].into_iter().collect(),
+            learners: [4].into_iter().collect(),
+        };
+        let mut expected = Configuration::with_voters([1, 2, 3]);
+        expected.learners.insert(4);
+        assert_eq!(decode_conf(&enc(&v1).unwrap()).unwrap(), expected);
+        let mut now = expected.clone();
+        now.members.insert(4, crate::raft::MemberInfo::default());
+        assert_eq!(decode_conf(&enc(&now).unwrap()).unwrap(), now);
+        assert!(decode_conf(&[1, 2]).is_err());
     }
 }
