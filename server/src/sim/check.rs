@@ -2,11 +2,15 @@
 //! matching, leader completeness, state machine safety (same entry and same state digest at
 //! each applied index on every node), committed entries never change, and linearizable
 //! reads (a read index is at least the revision of every write completed before the read
-//! began). Pure bookkeeping; a violation is returned as a message.
+//! began). Membership (§4.1-4.2): every node's configuration is the one computed from its log
+//! (snapshot configuration plus the configuration entries after it), a leader's log holds at
+//! most one uncommitted configuration entry, only voters campaign, and a leader outside its
+//! configuration still has its removal uncommitted (it steps down once it commits). Pure
+//! bookkeeping; a violation is returned as a message.
 
 use std::collections::BTreeMap;
 
-use crate::raft::{Entry, MemStorage, Raft, Role, Storage};
+use crate::raft::{Entry, EntryKind, MemStorage, Raft, Role, Storage};
 
 /// What the checker has learned so far.
 #[derive(Debug, Default)]
@@ -91,6 +95,9 @@ impl Checker {
         }
         // Log matching: same (index, term) ⇒ identical prefixes (compared where both hold entries).
         let logs: Vec<(u64, Vec<Entry>)> = cores.iter().map(|r| log_of(r)).collect();
+        for (r, log) in cores.iter().zip(&logs) {
+            check_membership(r, &log.1).map_err(|e| format!("node {}: {e}", r.id()))?;
+        }
         for a in 0..logs.len() {
             for b in a + 1..logs.len() {
                 check_matching(&logs[a], &logs[b]).map_err(|e| {
@@ -132,6 +139,43 @@ impl Checker {
     /// Highest term with a leader.
     pub fn max_term(&self) -> u64 {
         self.leaders.last_key_value().map_or(0, |(t, _)| *t)
+    }
+}
+
+/// The membership invariants of one core, given the entries it holds.
+fn check_membership(r: &Raft<MemStorage>, entries: &[Entry]) -> Result<(), String> {
+    let base = match r.raft_log().pending_snapshot() {
+        Some(s) => s.meta.clone(),
+        None => r.store().snapshot_meta().map_err(|e| e.to_string())?,
+    };
+    let mut conf = base.conf;
+    let mut uncommitted = 0;
+    for e in entries.iter().filter(|e| e.index > base.index) {
+        if let EntryKind::Config(change) = &e.kind {
+            conf.apply(change);
+            if e.index > r.commit() {
+                uncommitted += 1;
+            }
+        }
+    }
+    if r.conf() != &conf {
+        return Err(format!(
+            "configuration {:?} is not the one of its log {conf:?}",
+            r.conf()
+        ));
+    }
+    let voter = conf.voters.contains(&r.id());
+    match r.role() {
+        Role::Leader if uncommitted > 1 => Err(format!(
+            "leader holds {uncommitted} uncommitted configuration entries"
+        )),
+        Role::Leader if !voter && uncommitted == 0 => {
+            Err("leader outside its committed configuration".into())
+        }
+        Role::Candidate | Role::PreCandidate if !voter => {
+            Err(format!("campaigns outside the voters {:?}", conf.voters))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -3,11 +3,15 @@
 //! driven by one seeded RNG: a network that drops, duplicates, delays and reorders messages
 //! and partitions nodes (asymmetric too); crashes that lose whatever the driver had not yet
 //! persisted; pauses (a deposed leader that does not know it); clients proposing and reading
-//! throughout; log compaction with snapshots. After every step [`check::Checker`] verifies the
+//! throughout; log compaction with snapshots; membership changes (spare nodes join as
+//! learners, learners are promoted, members are removed, the leader included, and removed
+//! nodes keep running) and leader transfers, all during those faults
+//! (`sim/membership.rs`). After every step [`check::Checker`] verifies the
 //! safety invariants. A run is a pure function of its [`SimConfig`]: the same seed gives the
 //! same trace. No IO, no clock, no hash-map iteration.
 
 pub mod check;
+mod membership;
 #[cfg(test)]
 mod tests;
 
@@ -29,8 +33,16 @@ use check::Checker;
 pub struct SimConfig {
     /// Seed of everything random in the run.
     pub seed: u64,
-    /// Cluster size.
+    /// Voters the cluster starts with (ids `1..=nodes`).
     pub nodes: u64,
+    /// Extra nodes started empty, waiting to be added (ids after the voters).
+    pub spares: u64,
+    /// Per-step probability that the leader proposes a random configuration change.
+    pub conf_change: f64,
+    /// Per-step probability that the leader starts a transfer to a random voter.
+    pub transfer: f64,
+    /// Promotion lag allowed (see [`RaftConfig::max_promote_lag`]).
+    pub max_promote_lag: u64,
     /// Steps (each: one tick of every running node, then deliveries).
     pub steps: u64,
     /// Probability that a message is lost.
@@ -73,6 +85,10 @@ impl SimConfig {
         SimConfig {
             seed,
             nodes: 3,
+            spares: 1,
+            conf_change: 0.02,
+            transfer: 0.004,
+            max_promote_lag: 20,
             steps: 1500,
             drop: 0.05,
             duplicate: 0.02,
@@ -107,6 +123,14 @@ pub struct SimStats {
     pub crashes: u64,
     /// Snapshots installed from a leader.
     pub snapshots_installed: u64,
+    /// Configuration changes appended by a leader.
+    pub conf_changes: u64,
+    /// Promotions among them.
+    pub promotions: u64,
+    /// Removals of the proposing leader itself among them.
+    pub leader_removals: u64,
+    /// Leader transfers started.
+    pub transfers: u64,
     /// Highest term with a leader.
     pub max_term: u64,
     /// Indexes known committed.
@@ -187,21 +211,27 @@ fn fresh_fsm() -> MemStore {
 }
 
 impl Sim {
-    /// A cluster of `cfg.nodes` fresh members.
+    /// A cluster of `cfg.nodes` fresh voters and `cfg.spares` empty nodes.
     pub fn new(cfg: SimConfig) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let voters: Vec<u64> = (1..=cfg.nodes).collect();
         let mut nodes = BTreeMap::new();
-        for &id in &voters {
+        for id in 1..=cfg.nodes + cfg.spares {
             let rc = RaftConfig {
                 seed: rng.random(),
                 pre_vote: cfg.pre_vote,
                 check_quorum: cfg.check_quorum,
                 max_inflight_msgs: cfg.max_inflight_msgs,
                 max_size_per_msg: cfg.max_size_per_msg,
+                max_promote_lag: cfg.max_promote_lag,
                 ..RaftConfig::new(id)
             };
-            let store = MemStorage::new_with_voters(voters.clone());
+            // A spare starts without configuration, like `lockd --join`.
+            let store = if id <= cfg.nodes {
+                MemStorage::new_with_voters(voters.clone())
+            } else {
+                MemStorage::new_with_voters([])
+            };
             let raft = Raft::new(rc.clone(), store).unwrap_or_else(|e| panic!("bad config: {e}"));
             nodes.insert(
                 id,
@@ -252,6 +282,8 @@ impl Sim {
             partition: 0.0,
             crash: 0.0,
             pause: 0.0,
+            conf_change: 0.0,
+            transfer: 0.0,
             ..self.cfg.clone()
         };
         self.cfg = quiet;
@@ -262,13 +294,35 @@ impl Sim {
         let leaders = self.running().filter(|r| r.role() == Role::Leader).count();
         if leaders != 1 {
             return Err(format!(
-                "seed {}: {leaders} leaders after healing",
-                self.cfg.seed
+                "seed {}: {leaders} leaders after healing\n{}",
+                self.cfg.seed,
+                self.describe()
             ));
         }
         self.stats.max_term = self.checker.max_term();
         self.stats.committed = self.checker.committed_count() as u64;
         Ok(self.stats)
+    }
+
+    /// One line per running node: role, term, log, commit and configuration.
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for r in self.running() {
+            let conf = r.conf();
+            out.push_str(&format!(
+                "node {}: {:?} term {} leader {:?} last {} (term {}) commit {} voters {:?} learners {:?}\n",
+                r.id(),
+                r.role(),
+                r.term(),
+                r.leader(),
+                r.last_index(),
+                r.raft_log().last_term(),
+                r.commit(),
+                conf.voters,
+                conf.learners,
+            ));
+        }
+        out
     }
 
     fn running(&self) -> impl Iterator<Item = &Raft<MemStorage>> {
@@ -290,6 +344,7 @@ impl Sim {
             self.process(id)?;
         }
         self.clients();
+        self.membership();
         self.deliver()?;
         for &id in &ids {
             self.process(id)?;
@@ -312,7 +367,7 @@ impl Sim {
     }
 
     fn faults(&mut self) {
-        let n = self.cfg.nodes;
+        let n = self.cfg.nodes + self.cfg.spares;
         if self.rng.random_bool(self.cfg.partition) {
             // Split into two random sides; sometimes only one direction is cut.
             let side: BTreeSet<u64> = (1..=n).filter(|_| self.rng.random_bool(0.5)).collect();
@@ -561,7 +616,7 @@ impl Sim {
     }
 
     fn clients(&mut self) {
-        let n = self.cfg.nodes;
+        let n = self.cfg.nodes + self.cfg.spares;
         if self.rng.random_bool(self.cfg.propose) {
             let leader = self
                 .nodes

@@ -1,4 +1,5 @@
-//! Simulation runs: many seeds of faulty 3- and 5-node clusters, and determinism.
+//! Simulation runs: many seeds of faulty 3- and 5-node clusters (with membership changes and
+//! leader transfers), and determinism.
 
 use super::{Sim, SimConfig};
 
@@ -68,7 +69,7 @@ fn sim_same_seed_same_trace() {
 }
 
 #[test]
-fn sim_runs_exercise_faults_snapshots_and_reads() {
+fn sim_runs_exercise_faults_snapshots_reads_and_membership() {
     let mut total = super::SimStats::default();
     for seed in 0..10 {
         let s = Sim::new(SimConfig::new(seed)).run().unwrap_or_else(|e| {
@@ -79,9 +80,20 @@ fn sim_runs_exercise_faults_snapshots_and_reads() {
         total.snapshots_installed += s.snapshots_installed;
         total.reads += s.reads;
         total.acknowledged += s.acknowledged;
+        total.conf_changes += s.conf_changes;
+        total.promotions += s.promotions;
+        total.leader_removals += s.leader_removals;
+        total.transfers += s.transfers;
     }
     assert!(
         total.crashes > 0 && total.snapshots_installed > 0 && total.reads > 0,
+        "{total:?}"
+    );
+    assert!(
+        total.conf_changes > 0
+            && total.promotions > 0
+            && total.leader_removals > 0
+            && total.transfers > 0,
         "{total:?}"
     );
 }
@@ -109,4 +121,37 @@ fn sim_long() {
         };
         Sim::new(cfg).run().unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+/// Membership churn: frequent changes and transfers, two spares, 3 to 5 voters.
+/// `LOCKD_SIM_COUNT=<n> cargo test -p lockd-server --lib sim_membership_long -- --ignored`.
+#[test]
+#[ignore]
+fn sim_membership_long() {
+    let count: u64 = std::env::var("LOCKD_SIM_COUNT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mut total = super::SimStats::default();
+    for seed in seeds(20_000..20_000 + count) {
+        let cfg = SimConfig {
+            nodes: 3 + 2 * (seed % 2),
+            spares: 2,
+            conf_change: 0.1,
+            transfer: 0.02,
+            max_promote_lag: 5 + seed % 50,
+            pre_vote: seed % 4 != 1,
+            check_quorum: seed % 4 != 2,
+            ..SimConfig::new(seed)
+        };
+        let s = Sim::new(cfg).run().unwrap_or_else(|e| {
+            panic!("{e}\nreplay: LOCKD_SIM_SEED={seed} cargo test -p lockd-server --lib sim_membership_long -- --ignored")
+        });
+        total.conf_changes += s.conf_changes;
+        total.promotions += s.promotions;
+        total.leader_removals += s.leader_removals;
+        total.transfers += s.transfers;
+        total.acknowledged += s.acknowledged;
+    }
+    println!("{total:?}");
 }
