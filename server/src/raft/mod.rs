@@ -1,9 +1,20 @@
 //! Consensus: the log entry format (fixed from the start, DESIGN §3a.12: term, kind,
 //! proposer term, entry time) and a pure, deterministic Raft core in the style of
 //! etcd-raft's `RawNode`: [`Raft`] takes inputs ([`Raft::tick`], [`Raft::step`],
-//! [`Raft::propose`], [`Raft::read_index`]) and hands its outputs to a driver as a
-//! [`Ready`]. The core does no IO, reads no clock (time is ticks), and draws randomness only
-//! from a `ChaCha8Rng` seeded by [`RaftConfig::seed`]. It never iterates a hash map.
+//! [`Raft::propose`], [`Raft::read_index`], [`Raft::propose_conf_change`],
+//! [`Raft::transfer_leader`]) and hands its outputs to a driver as a [`Ready`]. The core does
+//! no IO, reads no clock (time is ticks), and draws randomness only from a `ChaCha8Rng`
+//! seeded by [`RaftConfig::seed`]. It never iterates a hash map.
+//!
+//! What it does: elections with pre-vote and check-quorum (§3.4, §9.6, §6.2), replication
+//! with flow control and commit by counting only entries of the current term (§3.5-3.6),
+//! batched ReadIndex (§6.4), chunked snapshots (§5.3), single-server membership changes
+//! with learners (§4.1-4.3, `membership.rs`: in force when appended, rolled back when
+//! truncated, one at a time, none before the leader's first commit of its term; a removed
+//! leader steps down once its removal commits) and leader transfer (§3.10,
+//! `transfer.rs`). What it must not do: IO, clocks, unseeded randomness, hash-map
+//! iteration, trusting message content (bad messages are dropped), or letting a learner, a
+//! removed node or a node waiting to join campaign.
 //!
 //! # The Ready contract
 //!
@@ -28,10 +39,19 @@
 //!    persist before send).
 //! 4. **Apply `committed_entries`** in order (they may include entries of this same Ready's
 //!    `entries`, hence after step 2). Client replies and pushed events go out only for applied
-//!    entries.
+//!    entries. A `Config` entry changes nothing in the state machine's namespace; the store
+//!    records the configuration as of the applied index with it (same transaction), so
+//!    snapshots carry the configuration of their own index.
 //! 5. **Call [`Raft::advance`] with the Ready.** The core then marks the entries durable
 //!    (the leader counts its own match index from here), the snapshot installed and the
 //!    committed entries applied.
+//!
+//! `conf` is the configuration in force when it changed since the previous Ready (appended,
+//! rolled back, or installed with a snapshot). Update the peer transport's addresses from it
+//! (each member's [`MemberInfo`]) **before** sending the Ready's messages, so that appends
+//! to a new learner find it. A removed member keeps receiving appends until its removal
+//! commits (so that it learns of it): keep its address until [`Raft::pending_conf_index`] is
+//! `None`, or drop messages to unknown peers (always safe).
 //!
 //! `read_states` carry (ctx, index): the read with that ctx may be served once the applied
 //! index is ≥ index (§6.4). A leader confirms its leadership with a quorum heartbeat round
@@ -55,7 +75,17 @@
 //! decision: snapshot the state machine at its applied index and discard entries some margin
 //! below it ([`MemStorage::create_snapshot`] and [`MemStorage::compact`] show the storage
 //! side). A restart rebuilds the core with [`Raft::new`] from storage, with
-//! [`RaftConfig::applied`] set to the state machine's applied index.
+//! [`RaftConfig::applied`] set to the state machine's applied index; the configuration is
+//! the stored one (as of [`Storage::conf_index`]) plus the `Config` entries of the log after
+//! it.
+//!
+//! Membership: operator requests become [`Raft::propose_conf_change`] (typed refusals in
+//! [`ConfChangeError`]); a member's incarnation, learned from its handshake, is recorded with
+//! [`ConfChange::Identify`]. A new member starts with an empty configuration (no bootstrap)
+//! and takes no entries until a snapshot arrives: the leader must be able to produce one
+//! ([`Storage::snapshot_meta`] with index > 0). [`Raft::conf`] is the configuration in force
+//! (clients' member list), [`Raft::progress_of`] a member's match index (cluster status,
+//! promotion readiness). [`Raft::transfer_leader`] hands leadership over (§3.10).
 //!
 //! Messages from the network are untrusted: malformed or misaddressed ones are dropped with a
 //! log line, never a panic.
