@@ -153,6 +153,40 @@ fn s4_2_1_learner_that_never_catches_up_is_never_counted_or_promoted() {
     assert_eq!(net.node(1).conf().voters, set(&[1, 2, 3]));
 }
 
+/// A learner never campaigns and its vote never counts while it is a learner in the
+/// candidate's configuration, but it answers vote requests: a candidate that holds the
+/// learner's promotion (which the learner has not seen yet) needs that vote. Here leader 1
+/// promotes 4, only 2 gets the entry, and 1 crashes: 2 needs 3 of {1, 2, 3, 4}, and 3 cannot
+/// win (2's log is ahead of 3's).
+#[test]
+fn s4_2_1_a_promoted_learner_votes_before_it_sees_its_promotion() {
+    let mut conf = Configuration::with_voters([1, 2, 3]);
+    conf.apply(&add(4));
+    let stores = (0..4)
+        .map(|_| MemStorage::new_with_conf(conf.clone()))
+        .collect();
+    let mut net = Network::with_stores(stores, |c| c);
+    net.elect(1);
+    net.propose(1);
+    net.stabilize();
+    net.cut.insert((1, 3));
+    net.cut.insert((1, 4));
+    net.conf_change(1, ConfChange::Promote { id: 4 }).unwrap();
+    net.stabilize();
+    assert_eq!(net.node(2).conf().voters, set(&[1, 2, 3, 4]));
+    assert_eq!(net.node(4).conf().learners, set(&[4]), "4 has not seen it");
+    net.isolate(1);
+    net.tick_all(60);
+    let leaders: Vec<u64> = net
+        .leaders()
+        .into_iter()
+        .map(|l| l.0)
+        .filter(|l| *l != 1)
+        .collect();
+    assert_eq!(leaders, vec![2], "elected with the votes of 3 and 4");
+    assert!(net.node(4).conf().voters.contains(&4));
+}
+
 #[test]
 fn s4_1_one_change_at_a_time() {
     let mut net = Network::new(3, |c| c);
