@@ -289,7 +289,7 @@ pub enum ConfChangeError {
     },
     /// The learner is too far behind the leader's log to be promoted yet (or has not
     /// acknowledged any entry yet).
-    #[error("learner is {lag} entries behind (promotion needs at most {max}, acknowledged)")]
+    #[error("learner is {lag} entries behind, or has acknowledged nothing yet (promotion needs it within {max} entries): wait for it to catch up")]
     LearnerBehind {
         /// Leader's last index minus the learner's match index.
         lag: u64,

@@ -117,14 +117,14 @@ impl Driver {
                 None => self.transfer = Some(t),
             }
         }
-        let conf = self.raft.conf();
+        let conf = self.raft.conf().clone();
         let changed = {
             let mut published = self
                 .publish
                 .conf
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            let changed = *published != *conf;
+            let changed = *published != conf;
             if changed {
                 *published = conf.clone();
             }
@@ -136,7 +136,9 @@ impl Driver {
                 learners = ?conf.learners,
                 "configuration in force"
             );
-            self.outbox.set_members(conf);
+            self.reach_members();
+        } else if !self.departing.is_empty() && self.raft.pending_conf_index().is_none() {
+            self.reach_members();
         }
         let me = self.raft.id();
         if conf.contains(me) {
@@ -150,6 +152,30 @@ impl Driver {
                 "removed from the cluster: no longer serving clients"
             );
         }
+    }
+
+    /// Points the transport at the members of the configuration in force, and, while a
+    /// removal is uncommitted, at the member being removed too: it must still receive the
+    /// log to learn of its removal.
+    pub(super) fn reach_members(&mut self) {
+        let conf = self.raft.conf().clone();
+        let pending = self.raft.pending_conf_index().is_some();
+        if pending {
+            for (&id, info) in &self.reached.members {
+                if !conf.contains(id) {
+                    self.departing.insert(id, info.clone());
+                }
+            }
+        } else {
+            self.departing.clear();
+        }
+        let mut reach = conf.clone();
+        for (&id, info) in &self.departing {
+            reach.learners.insert(id);
+            reach.members.insert(id, info.clone());
+        }
+        self.outbox.set_members(&reach);
+        self.reached = conf;
     }
 
     /// On the active leader, once per tick: records in the configuration the incarnation a

@@ -41,7 +41,7 @@ use super::replicated::{
 };
 use super::watch::Published;
 use crate::fsm::{Applied, Command};
-use crate::raft::{EntryKind, ProposeError, Raft, Role};
+use crate::raft::{Configuration, EntryKind, MemberInfo, ProposeError, Raft, Role};
 use crate::storage::{RaftStore, StorageError};
 
 /// Readies handled per cycle before the loop looks at its inputs again.
@@ -130,6 +130,10 @@ pub(super) struct Driver {
     transfer: Option<membership::Transfer>,
     /// Whether this node has been in a configuration (a joining node is not yet).
     was_member: bool,
+    /// The configuration the transport was last pointed at, and members removed by an
+    /// uncommitted change that it still reaches (`membership::reach_members`).
+    reached: Configuration,
+    departing: BTreeMap<u64, MemberInfo>,
 }
 
 impl Driver {
@@ -154,9 +158,9 @@ impl Driver {
             .status
             .applied
             .store(raft.applied(), Ordering::Release);
-        outbox.set_members(raft.conf());
+
         let tick_ms = config.tick.as_millis().max(1) as u64;
-        let driver = Driver {
+        let mut driver = Driver {
             time_base_ms: raft.last_entry_time(),
             clock_base: Instant::now(),
             seen_term: raft.term(),
@@ -176,7 +180,10 @@ impl Driver {
             pinned: BTreeSet::new(),
             transfer: None,
             was_member: false,
+            reached: Configuration::default(),
+            departing: BTreeMap::new(),
         };
+        driver.reach_members();
         driver.publish_status();
         Ok(driver)
     }
@@ -418,6 +425,10 @@ impl Driver {
     /// One Ready, in the order of the contract in [`crate::raft`].
     fn handle_ready(&mut self) -> Result<(), StorageError> {
         let mut ready = self.raft.ready();
+        if ready.conf.is_some() {
+            // New members must be reachable before this Ready's messages to them go out.
+            self.reach_members();
+        }
         let early = std::mem::take(&mut ready.early_messages);
         if !early.is_empty() {
             self.outbox.send(early);
