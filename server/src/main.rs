@@ -58,7 +58,8 @@ struct Flags {
     /// largest single request (a multi included) in bytes (default 3 MiB)
     #[argh(option)]
     max_proposal: Option<usize>,
-    /// µs the event loop polls for requests before parking (default 200; 0 saves CPU)
+    /// µs the loop polls for requests before parking (default 200 on a single node, 0 with
+    /// peers; 0 saves CPU)
     #[argh(option)]
     spin_us: Option<u64>,
     /// most concurrent client connections (default 10000)
@@ -94,13 +95,15 @@ fn load_config(flags: Flags) -> Result<Config, String> {
         max_data,
         max_proposal,
         log_format,
-        spin_us,
         max_connections,
         peers,
         election_ticks
     );
     if flags.join {
         config.join = true;
+    }
+    if let Some(us) = flags.spin_us {
+        config.spin_us = Some(us);
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

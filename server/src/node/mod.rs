@@ -219,7 +219,11 @@ impl Node {
             join: config.join,
             tick: config.tick(),
             read_timeout: config.tick() * config.election_ticks * 4,
-            spin: std::time::Duration::from_micros(config.spin_us),
+            spin: std::time::Duration::from_micros(config.spin_us.unwrap_or(if peers.len() > 1 {
+                0
+            } else {
+                200
+            })),
             max_batch: config.max_batch,
             pin_refresh: std::time::Duration::from_millis(
                 (config.implicit_session_ttl_ms / 4).max(config.tick_ms),
