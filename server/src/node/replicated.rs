@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use lockd_protocol::{Error, ReadOp, Reply, SessionEventKind, SessionId};
 use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::driver::Driver;
+use super::driver::{Driver, Inputs};
 pub use super::forward::{KeepAliveReply, KeepAliveResults};
 use super::peer::{Inbound, PeerTransport, SideMessage};
 use super::watch::Published;
@@ -240,7 +239,7 @@ pub struct ReplicatedNode {
     id: u64,
     /// Voters of the configuration the node started with.
     voters: Vec<u64>,
-    tx: Sender<Input>,
+    tx: tokio::sync::mpsc::UnboundedSender<Input>,
     storage: Storage,
     publish: Publish,
     /// Cancelled when the loop thread has ended.
@@ -257,7 +256,7 @@ impl ReplicatedNode {
         config: ReplicatedConfig,
         storage: Storage,
         outbox: impl Outbox,
-        mut inbound: tokio::sync::mpsc::Receiver<Inbound>,
+        inbound: tokio::sync::mpsc::Receiver<Inbound>,
     ) -> Result<ReplicatedNode, ReplicatedError> {
         let mut store = RaftStore::open(storage.clone())?;
         if !config.join {
@@ -275,7 +274,8 @@ impl ReplicatedNode {
         let id = raft_config.id;
         let raft = Raft::new(raft_config, store)?;
         let voters = raft.tracker().conf.voters.iter().copied().collect();
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let inputs = Inputs::new(rx, inbound)?;
         let (watch_events, _) = broadcast::channel(WATCH_CHANNEL_COMMITS);
         let (session_events, _) = broadcast::channel(4096);
         let publish = Publish {
@@ -284,29 +284,13 @@ impl ReplicatedNode {
             watch_events,
             session_events,
         };
-        // The transport delivers on a tokio channel; a small thread moves its messages into
-        // the loop's channel so the loop waits on one queue. It ends with either side.
-        let peer_tx = tx.clone();
-        std::thread::Builder::new()
-            .name(format!("lockd-peer-in-{id}"))
-            .spawn(move || {
-                while let Some(m) = inbound.blocking_recv() {
-                    let input = match m {
-                        Inbound::Raft(m) => Input::Peer(m),
-                        Inbound::Side { from, message } => Input::Side { from, message },
-                    };
-                    if peer_tx.send(input).is_err() {
-                        break;
-                    }
-                }
-            })?;
         let driver = Driver::new(raft, config, Box::new(outbox), publish.clone())?;
         let stopped = CancellationToken::new();
         let stopped_by_loop = stopped.clone();
         let thread = std::thread::Builder::new()
             .name(format!("lockd-node-{id}"))
             .spawn(move || {
-                let result = driver.run(rx);
+                let result = driver.run(inputs);
                 stopped_by_loop.cancel();
                 result
             })?;

@@ -25,9 +25,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use lockd_protocol::{Error, SessionId};
 
@@ -35,7 +37,7 @@ mod membership;
 
 use super::forward::{Forwarder, KeepAliveReply};
 use super::leader::LeaderDuties;
-use super::peer::SideMessage;
+use super::peer::{Inbound, SideMessage};
 use super::replicated::{
     Input, Outbox, ProposalReply, Publish, ReadReply, ReplicatedConfig, SessionEnded,
 };
@@ -46,6 +48,98 @@ use crate::storage::{RaftStore, StorageError};
 
 /// Readies handled per cycle before the loop looks at its inputs again.
 const MAX_READIES_PER_CYCLE: usize = 16;
+
+/// The loop's two queues, waited on together: requests from this node's connections, and
+/// what the peer transport delivers (taken straight from its channel: no thread in between,
+/// since every hand-off between threads costs a wake-up on each replicated write).
+pub(super) struct Inputs {
+    clients: UnboundedReceiver<Input>,
+    /// `None` once the transport is gone (in a one-member cluster, from the start).
+    peers: Option<tokio::sync::mpsc::Receiver<Inbound>>,
+    /// A current-thread runtime to wait on both queues and the next tick at once.
+    runtime: tokio::runtime::Runtime,
+}
+
+/// Every client-side sender is gone.
+#[derive(Debug)]
+pub(super) struct Closed;
+
+fn from_peer(inbound: Inbound) -> Input {
+    match inbound {
+        Inbound::Raft(m) => Input::Peer(m),
+        Inbound::Side { from, message } => Input::Side { from, message },
+    }
+}
+
+impl Inputs {
+    pub fn new(
+        clients: UnboundedReceiver<Input>,
+        peers: tokio::sync::mpsc::Receiver<Inbound>,
+    ) -> std::io::Result<Inputs> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        Ok(Inputs {
+            clients,
+            peers: Some(peers),
+            runtime,
+        })
+    }
+
+    /// The next input waiting, peers first, without blocking.
+    fn try_next(&mut self) -> Result<Option<Input>, Closed> {
+        if let Some(peers) = &mut self.peers {
+            match peers.try_recv() {
+                Ok(inbound) => return Ok(Some(from_peer(inbound))),
+                Err(TryRecvError::Disconnected) => self.peers = None,
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+        match self.clients.try_recv() {
+            Ok(input) => Ok(Some(input)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(Closed),
+        }
+    }
+
+    /// Waits for the next input until `deadline`, polling for `spin` first: waking a parked
+    /// thread costs tens of µs on a small VM, and a client that just got its answer usually
+    /// sends the next request within that time.
+    fn wait(&mut self, deadline: Instant, spin: Duration) -> Result<Option<Input>, Closed> {
+        let spin_until = Instant::now() + spin;
+        loop {
+            if let Some(input) = self.try_next()? {
+                return Ok(Some(input));
+            }
+            if Instant::now() >= spin_until {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let Inputs {
+            clients,
+            peers,
+            runtime,
+        } = self;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        runtime.block_on(async {
+            let peer = async {
+                match peers.as_mut() {
+                    Some(p) => p.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = clients.recv() => input.map(Some).ok_or(Closed),
+                inbound = peer => match inbound {
+                    Some(inbound) => Ok(Some(from_peer(inbound))),
+                    None => Ok(None),
+                },
+                _ = tokio::time::sleep_until(deadline) => Ok(None),
+            }
+        })
+    }
+}
 
 /// A client proposal waiting for its entry to apply.
 #[derive(Debug)]
@@ -189,17 +283,17 @@ impl Driver {
     }
 
     /// Runs until `Shutdown`, every sender is gone, or storage fails.
-    pub fn run(mut self, rx: Receiver<Input>) -> Result<(), StorageError> {
+    pub fn run(mut self, mut inputs: Inputs) -> Result<(), StorageError> {
         let tick = self.config.tick;
         let mut next_tick = Instant::now() + tick;
         loop {
             let first = if self.raft.has_ready() {
-                rx.try_recv().ok()
+                inputs.try_next()
             } else {
-                match self.wait_for_input(&rx, next_tick) {
-                    Ok(input) => input,
-                    Err(()) => break,
-                }
+                inputs.wait(next_tick, self.config.spin)
+            };
+            let Ok(first) = first else {
+                break;
             };
             let mut stop = false;
             let mut input = first;
@@ -208,7 +302,7 @@ impl Driver {
                 if stop || self.queued.len() >= self.config.max_batch {
                     break;
                 }
-                input = rx.try_recv().ok();
+                input = inputs.try_next().unwrap_or(None);
             }
             if stop {
                 break;
@@ -237,24 +331,6 @@ impl Driver {
         }
         self.fail_all(&Error::ShuttingDown);
         Ok(())
-    }
-
-    /// Waits for the next input until `deadline`. Waking a parked thread costs tens of µs on
-    /// a small VM, and a client that just got its answer usually sends the next request
-    /// within that time, so it polls for `spin` first. `Err` when every sender is gone.
-    fn wait_for_input(&self, rx: &Receiver<Input>, deadline: Instant) -> Result<Option<Input>, ()> {
-        let spin_until = Instant::now() + self.config.spin;
-        while Instant::now() < spin_until {
-            if let Ok(input) = rx.try_recv() {
-                return Ok(Some(input));
-            }
-            std::hint::spin_loop();
-        }
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(input) => Ok(Some(input)),
-            Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err(()),
-        }
     }
 
     /// Takes one input. True on `Shutdown`.
