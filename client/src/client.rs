@@ -291,6 +291,13 @@ impl Client {
     }
 
     /// Stops using `conn` for new requests (requests in flight on it still complete).
+    /// Retires `conn` and makes the next dial start at the next endpoint: the node behind
+    /// it cannot serve (removed, cut off, paused).
+    pub(crate) fn retire_and_rotate(&self, conn: &Connection) {
+        self.inner.rotate.store(true, Ordering::Release);
+        self.retire(conn);
+    }
+
     pub(crate) fn retire(&self, conn: &Connection) {
         let mut current = lock(&self.inner.current);
         if current.as_ref().map(|c| c.generation) == Some(conn.generation) {
@@ -433,6 +440,7 @@ impl Client {
         let deadline = Instant::now() + config.request_timeout;
         let mut delay = Duration::ZERO;
         let mut attempts = 0u32;
+        let mut followed_hint = false;
         loop {
             attempts += 1;
             if let Policy::Session(s) = policy {
@@ -480,15 +488,17 @@ impl Client {
                         // A node shutting down, removed, or unable to serve: try another.
                         lockd_protocol::Error::ShuttingDown
                         | lockd_protocol::Error::Unavailable(_) => {
-                            self.inner.rotate.store(true, Ordering::Release);
-                            self.retire(&conn);
+                            self.retire_and_rotate(&conn);
                             false
                         }
                         _ => false,
                     };
                     // A hint naming another node is news: follow it at once. Without one
                     // (no leader yet), back off.
-                    delay = if redirected {
+                    // Only the first redirect goes at once: a hint that keeps naming the
+                    // same unreachable node (a leader just killed) must not burn attempts.
+                    delay = if redirected && !followed_hint {
+                        followed_hint = true;
                         Duration::ZERO
                     } else {
                         config.backoff.next(delay)

@@ -540,7 +540,7 @@ async fn keepalive_round(
         Err(crate::conn::CallError::Timeout) => {
             // Unanswered for a whole round: the node may be paused or cut off from its
             // leader. Dial again (another endpoint) for the next round.
-            client.retire(&conn);
+            client.retire_and_rotate(&conn);
             Err(Error::Timeout(
                 deadline.saturating_duration_since(Instant::now()),
             ))

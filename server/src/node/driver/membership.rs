@@ -137,8 +137,6 @@ impl Driver {
                 "configuration in force"
             );
             self.reach_members();
-        } else if !self.departing.is_empty() && self.raft.pending_conf_index().is_none() {
-            self.reach_members();
         }
         let me = self.raft.id();
         if conf.contains(me) {
@@ -151,24 +149,28 @@ impl Driver {
                 node = me,
                 "removed from the cluster: no longer serving clients"
             );
+            // This node will not learn how its pending proposals end.
+            for (_, p) in std::mem::take(&mut self.proposals) {
+                let _ = p.reply.send(Err(Error::Indeterminate(format!(
+                    "node {me} was removed from the cluster with this write in flight"
+                ))));
+            }
         }
     }
 
-    /// Points the transport at the members of the configuration in force, and, while a
-    /// removal is uncommitted, at the member being removed too: it must still receive the
-    /// log to learn of its removal.
+    /// Points the transport at the members of the configuration in force, and at members
+    /// removed from it: the core keeps sending a removed member heartbeats (with the commit
+    /// index) until its next change, which is how that member learns it was removed. A
+    /// removed member stays reachable here until it is added back (harmless: the core sends
+    /// it nothing once it forgot it).
     pub(super) fn reach_members(&mut self) {
         let conf = self.raft.conf().clone();
-        let pending = self.raft.pending_conf_index().is_some();
-        if pending {
-            for (&id, info) in &self.reached.members {
-                if !conf.contains(id) {
-                    self.departing.insert(id, info.clone());
-                }
+        for (&id, info) in &self.reached.members {
+            if !conf.contains(id) {
+                self.departing.insert(id, info.clone());
             }
-        } else {
-            self.departing.clear();
         }
+        self.departing.retain(|id, _| !conf.contains(*id));
         let mut reach = conf.clone();
         for (&id, info) in &self.departing {
             reach.learners.insert(id);

@@ -565,6 +565,9 @@ impl Driver {
             let _ = self.publish.watch_events.send(Arc::new(published));
         }
         if let Some(index) = last_revision {
+            // Commit first: a status read between the two never shows applied > commit.
+            let commit = self.raft.commit().max(index);
+            self.publish.status.commit.store(commit, Ordering::Release);
             self.publish.status.applied.store(index, Ordering::Release);
         }
         for (reply, answer) in answers {
@@ -722,6 +725,8 @@ impl Driver {
         }
         self.was_leader = leader;
         self.seen_term = term;
+        // Published first: the answer to a membership change or transfer reports it.
+        self.publish_status();
         self.after_membership();
         self.publish_status();
     }
