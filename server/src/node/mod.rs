@@ -382,8 +382,30 @@ impl Node {
         let Some(transport) = self.shared.transport.clone() else {
             return std::future::pending().await;
         };
+        let joining = self.shared.config.join;
         loop {
-            let refusal = transport.refusals().into_iter().find(|r| {
+            let refusals = transport.refusals();
+            // Not a member of the configuration its peers run: a node bootstrapped with
+            // --peers into a cluster that already has a log, or a removed one restarted.
+            // (A --join node is unknown to its peers until the leader adds it.)
+            let unknown = refusals.iter().find(|r| {
+                !joining
+                    && !r.by_us
+                    && matches!(r.reason, peer::RefuseReason::UnknownNode { id } if id == me)
+            });
+            if let Some(r) = unknown {
+                // Only if no peer accepts this node: the others may just be behind.
+                let accepted = transport.stats().handshakes_dialed > 0;
+                if !accepted {
+                    return format!(
+                        "the cluster refuses this node: {} (node {me} is not in the \
+                         configuration its peers run: a new member must be added with \
+                         `lockctl cluster add` and started with --join; see docs/operations.md)",
+                        r.reason
+                    );
+                }
+            }
+            let refusal = refusals.into_iter().find(|r| {
                 !r.by_us && matches!(r.reason, peer::RefuseReason::WrongIncarnation { id, .. } if id == me)
             });
             if let Some(r) = refusal {
