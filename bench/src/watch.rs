@@ -14,7 +14,7 @@ use lockd_protocol::{
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-type Conn = Framed<TcpStream, FrameCodec<ServerMessage, ClientMessage>>;
+pub type Conn = Framed<TcpStream, FrameCodec<ServerMessage, ClientMessage>>;
 
 /// A failed benchmark step.
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
@@ -78,22 +78,24 @@ async fn open_watch(conn: &mut Conn, id: u64, path: &str) -> Result<(), BenchErr
     }
 }
 
-/// `watchers` connections watch /fan; one writer changes /fan/k `rate` times a second with its
-/// send time in the data; prints the delivery latency (send → watcher) percentiles.
+/// `watchers` connections watch /fan, spread round-robin over `endpoints`; one writer on the
+/// leader (`leader`) changes /fan/k `rate` times a second with its send time in the data;
+/// prints the delivery latency (send → watcher) percentiles.
 pub async fn fanout(
-    addr: &str,
+    leader: &str,
+    endpoints: &[String],
     watchers: usize,
     rate: u64,
     seconds: u64,
 ) -> Result<(), BenchError> {
-    let mut writer = connect(addr).await?;
+    let mut writer = connect(leader).await?;
     ensure(&mut writer, "/fan").await?;
     ensure(&mut writer, "/fan/k").await?;
     let base = Instant::now();
     let measuring = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
-    for _ in 0..watchers {
-        let mut conn = connect(addr).await?;
+    for w in 0..watchers {
+        let mut conn = connect(&endpoints[w % endpoints.len()]).await?;
         open_watch(&mut conn, 2, "/fan").await?;
         let measuring = measuring.clone();
         tasks.push(tokio::spawn(async move {
@@ -177,15 +179,17 @@ fn rss_kib(pid: u32) -> Result<u64, BenchError> {
         .ok_or_else(|| "no VmRSS".into())
 }
 
-/// Opens `watches` idle watches over `connections` connections and prints the server's
-/// resident memory before and after (needs the server's pid).
+/// Opens `watches` idle watches over `connections` connections to `addr` and prints the
+/// resident memory of that server (`server_pid`) before and after; the parent node is
+/// created through the leader (`leader`).
 pub async fn idle(
+    leader: &str,
     addr: &str,
     watches: usize,
     connections: usize,
     server_pid: u32,
 ) -> Result<(), BenchError> {
-    let mut setup = connect(addr).await?;
+    let mut setup = connect(leader).await?;
     ensure(&mut setup, "/idle").await?;
     let before = rss_kib(server_pid)?;
     let mut conns = Vec::new();
