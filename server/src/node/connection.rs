@@ -364,32 +364,14 @@ impl Connection {
         match request {
             Request::ChangeMembers(change) => {
                 let node = self.node.clone();
-                pending.push(Box::pin(async move {
-                    let result = match node.change_members(change).await {
-                        Ok(()) => Ok(Reply::ClusterStatus(node.status())),
-                        Err(e) => Err(e),
-                    };
-                    Done::Reply(ServerMessage::Response {
-                        request_id,
-                        revision: node.published_index(),
-                        result,
-                    })
-                }));
+                let change = async move { node.change_members(change).await };
+                self.answer_with_status(request_id, change, pending);
                 None
             }
             Request::TransferLeader { to } => {
                 let node = self.node.clone();
-                pending.push(Box::pin(async move {
-                    let result = match node.transfer_leader(to).await {
-                        Ok(()) => Ok(Reply::ClusterStatus(node.status())),
-                        Err(e) => Err(e),
-                    };
-                    Done::Reply(ServerMessage::Response {
-                        request_id,
-                        revision: node.published_index(),
-                        result,
-                    })
-                }));
+                let transfer = async move { node.transfer_leader(to).await };
+                self.answer_with_status(request_id, transfer, pending);
                 None
             }
             Request::Read { consistency, op } => {
@@ -442,6 +424,27 @@ impl Connection {
                 respond(self.node.published_index(), result)
             }
         }
+    }
+
+    /// Queues `operation` (a membership change or transfer); it is answered with the
+    /// cluster's status as this node sees it once done.
+    fn answer_with_status(
+        &self,
+        request_id: u64,
+        operation: impl std::future::Future<Output = Result<(), Error>> + Send + 'static,
+        pending: &mut Pending,
+    ) {
+        let node = self.node.clone();
+        pending.push(Box::pin(async move {
+            let result = operation
+                .await
+                .map(|()| Reply::ClusterStatus(node.status()));
+            Done::Reply(ServerMessage::Response {
+                request_id,
+                revision: node.published_index(),
+                result,
+            })
+        }));
     }
 
     /// Proposes a write (fenced or not) under its session or the implicit one.
