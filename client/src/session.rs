@@ -595,8 +595,12 @@ pub(crate) async fn keepalive_loop(client: WeakClient, registry: Arc<Registry>) 
         drop(strong);
         let answered = match result {
             Ok(Ok(results)) => {
+                // By id, not by a scan per result: 100,000 sessions on one client made the
+                // scan quadratic and the answers late enough for every session to expire.
+                let by_id: std::collections::BTreeMap<SessionId, _> =
+                    sessions.iter().map(|s| (s.id(), s)).collect();
                 for (id, r) in results {
-                    let Some(s) = sessions.iter().find(|s| s.id() == id) else {
+                    let Some(s) = by_id.get(&id) else {
                         continue;
                     };
                     match r {
