@@ -397,11 +397,15 @@ impl PeerTransport {
             tracker: TaskTracker::new(),
             runtime: tokio::runtime::Handle::current(),
         });
+        let transport = PeerTransport { shared, local_addr };
+        // The peers first, then the acceptor: a `Hello` checked before the peer set is in
+        // place would be refused as from an unknown node, and the refused node would take
+        // that for the cluster not knowing it (and exit).
+        transport.set_peers(config.peers);
+        let shared = &transport.shared;
         let span = tracing::info_span!("peer_accept", node = shared.id, %local_addr);
         let task = accept::accept_loop(shared.clone(), listener);
-        spawn_cancellable(&shared, shared.cancel.clone(), task, span);
-        let transport = PeerTransport { shared, local_addr };
-        transport.set_peers(config.peers);
+        spawn_cancellable(shared, shared.cancel.clone(), task, span);
         Ok(transport)
     }
 
