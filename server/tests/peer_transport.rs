@@ -701,3 +701,35 @@ async fn an_overlong_client_address_is_refused() {
     assert!(a.transport.client_addrs().is_empty());
     assert_eq!(a.transport.stats().handshakes_accepted, 0);
 }
+
+/// A CI failure: a member removed and added again (its data directory wiped meanwhile) was
+/// refused, because the leader recorded as its identity the incarnation its *old* data
+/// directory had told in a handshake. Adding it again (no incarnation recorded) forgets it.
+#[tokio::test]
+async fn a_member_added_again_forgets_the_incarnation_it_had() {
+    let (l1, l2) = (listener().await, listener().await);
+    let (addr1, addr2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+    let addrs = BTreeMap::from([(1, addr1), (2, addr2)]);
+    let a = TestPeer::start(config(1, &addrs), l1);
+    let mut b = TestPeer::start(config(2, &addrs), l2);
+    a.transport.send(vec![heartbeat(1, 2, 1)]);
+    assert_eq!(b.recv().await, heartbeat(1, 2, 1));
+    assert_eq!(
+        a.transport.incarnations(),
+        BTreeMap::from([(2, incarnation(2))])
+    );
+    // Recorded in the configuration, then removed (still reachable as departing)...
+    let recorded = PeerInfo {
+        addr: addr2,
+        incarnation: Some(incarnation(2)),
+    };
+    a.transport.set_peers(BTreeMap::from([(2, recorded)]));
+    assert_eq!(
+        a.transport.incarnations(),
+        BTreeMap::from([(2, incarnation(2))])
+    );
+    // ...and added again with no identity recorded yet.
+    a.transport
+        .set_peers(BTreeMap::from([(2, PeerInfo::from(addr2))]));
+    assert!(a.transport.incarnations().is_empty());
+}

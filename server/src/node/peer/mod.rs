@@ -486,6 +486,12 @@ impl PeerTransport {
             if let Some(slot) = slots.get(&id) {
                 let mut current = lock(&slot.info);
                 if *current != info {
+                    if current.incarnation.is_some() && info.incarnation.is_none() {
+                        // Removed and added again: what its last handshake told belongs to
+                        // the data directory it had then (maybe since wiped), and must not
+                        // be recorded as the new member's identity.
+                        lock(&shared.incarnations).remove(&id);
+                    }
                     *current = info;
                     slot.generation.fetch_add(1, Ordering::AcqRel);
                     slot.wake.notify_one();
