@@ -15,7 +15,7 @@ use super::log::RaftLog;
 use super::membership::{self, ConfLog};
 use super::message::{entry_size, AppendResult, HardState, Message, MessageKind};
 use super::progress::{ProgressTracker, VoteResult};
-use super::read_only::{ReadOnly, ReadRequest};
+use super::read_only::{ForwardedReads, ReadOnly, ReadRequest};
 use super::storage::{Storage, StorageError};
 use super::{Entry, EntryKind};
 
@@ -133,6 +133,8 @@ pub struct Raft<S> {
     pub(super) msgs_early: Vec<Message>,
     /// Pending ReadIndex batches (leader).
     pub(super) read_only: ReadOnly,
+    /// Reads this node (not leading) passes to its leader, one request at a time.
+    forwarded: ForwardedReads,
     /// Reads whose index is known, for the next Ready.
     pub(super) read_states: Vec<ReadState>,
     /// Leader transfer target (leader only; proposals are refused while set).
@@ -177,6 +179,7 @@ impl<S: Storage> Raft<S> {
             msgs: Vec::new(),
             msgs_early: Vec::new(),
             read_only: ReadOnly::default(),
+            forwarded: ForwardedReads::default(),
             read_states: Vec::new(),
             transferee: None,
             transfer_elapsed: 0,
@@ -248,6 +251,9 @@ impl<S: Storage> Raft<S> {
         if self.role == Role::Leader {
             self.tick_leader();
         } else {
+            if self.forwarded.tick(u64::from(self.cfg.election_tick)) {
+                self.forward_reads();
+            }
             self.election_elapsed += 1;
             if self.promotable() && self.election_elapsed >= self.randomized_timeout {
                 self.election_elapsed = 0;
@@ -312,6 +318,7 @@ impl<S: Storage> Raft<S> {
         self.randomized_timeout = self.rng.random_range(e..2 * e);
         self.votes.clear();
         self.read_only.clear();
+        self.forwarded.clear();
         self.abort_transfer();
         self.tracker.prune();
         self.tracker.reset(self.log.last_index());
@@ -326,6 +333,7 @@ impl<S: Storage> Raft<S> {
     fn become_pre_candidate(&mut self) {
         self.votes.clear();
         self.read_only.clear();
+        self.forwarded.clear();
         self.leader = None;
         self.role = Role::PreCandidate;
     }
@@ -602,7 +610,10 @@ impl<S: Storage> Raft<S> {
                 self.campaign(false, true)
             }
             MessageKind::ReadIndexResp { ctx, index } if Some(m.from) == self.leader => {
-                self.read_states.push(ReadState { ctx, index });
+                for ctx in self.forwarded.answered(ctx).unwrap_or_default() {
+                    self.read_states.push(ReadState { ctx, index });
+                }
+                self.forward_reads();
             }
             _ => debug!(
                 id = self.id,
@@ -669,11 +680,23 @@ impl<S: Storage> Raft<S> {
                 self.maybe_start_read_round();
                 Ok(())
             }
-            (_, Some(leader)) => {
-                self.send(leader, MessageKind::ReadIndex { ctx });
+            (_, Some(_)) => {
+                self.forwarded.add(ctx);
+                self.forward_reads();
                 Ok(())
             }
             (_, None) => Err(ReadIndexError::NoLeader),
+        }
+    }
+
+    /// Sends the leader one `ReadIndex` request for the reads waiting, unless one is in
+    /// flight (its answer starts the next).
+    fn forward_reads(&mut self) {
+        let Some(leader) = self.leader else {
+            return;
+        };
+        if let Some(ctx) = self.forwarded.maybe_start() {
+            self.send(leader, MessageKind::ReadIndex { ctx });
         }
     }
 
