@@ -117,6 +117,30 @@ impl Driver {
                 None => self.transfer = Some(t),
             }
         }
+        self.publish_conf();
+        let me = self.raft.id();
+        if self.raft.conf().contains(me) {
+            self.was_member = true;
+        } else if self.was_member
+            && self.raft.pending_conf_index().is_none()
+            && !self.publish.status.removed.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(
+                node = me,
+                "removed from the cluster: no longer serving clients"
+            );
+            // This node will not learn how its pending proposals end.
+            for (_, p) in std::mem::take(&mut self.proposals) {
+                let _ = p.reply.send(Err(Error::Indeterminate(format!(
+                    "node {me} was removed from the cluster with this write in flight"
+                ))));
+            }
+        }
+    }
+
+    /// Publishes the configuration in force (for status answers) if it changed, and points
+    /// the transport at its members.
+    pub(super) fn publish_conf(&mut self) {
         let conf = self.raft.conf().clone();
         let changed = {
             let mut published = self
@@ -137,24 +161,6 @@ impl Driver {
                 "configuration in force"
             );
             self.reach_members();
-        }
-        let me = self.raft.id();
-        if conf.contains(me) {
-            self.was_member = true;
-        } else if self.was_member
-            && self.raft.pending_conf_index().is_none()
-            && !self.publish.status.removed.swap(true, Ordering::AcqRel)
-        {
-            tracing::warn!(
-                node = me,
-                "removed from the cluster: no longer serving clients"
-            );
-            // This node will not learn how its pending proposals end.
-            for (_, p) in std::mem::take(&mut self.proposals) {
-                let _ = p.reply.send(Err(Error::Indeterminate(format!(
-                    "node {me} was removed from the cluster with this write in flight"
-                ))));
-            }
         }
     }
 

@@ -5,10 +5,13 @@
 //! up to `max_batch` proposals), ticks the core when a tick is due, does the tick's session
 //! work, proposes the queued commands (a follower answers `NotLeader { leader_hint }` at
 //! once), and then handles Ready after Ready: early messages (the leader's own appends) go
-//! out first, then the whole Ready is persisted and applied in one redb write transaction
-//! with one fsync ([`RaftStore::persist_ready`]: group commit), then the other messages go
-//! out, the applied entries' events are published, the published index advances, proposers
-//! of applied entries are answered, and the core is advanced.
+//! out first; the Ready's new entries and hard state are made durable with one fsync (group
+//! commit) and its committed entries applied, in one redb transaction or, with several
+//! voters, in two ([`Driver::persist_order`]: a leader applies first and answers without
+//! waiting for the fsync of newer entries, a follower acknowledges first); the other
+//! messages go out once the writes are durable; the applied entries' events are published,
+//! the published index advances, proposers of applied entries are answered, and the core is
+//! advanced.
 //!
 //! A proposal is remembered by (index, term). It is answered with the state machine's
 //! outcome only if the entry applied at its index has its term; if another term's entry took
@@ -44,7 +47,14 @@ use super::replicated::{
 use super::watch::Published;
 use crate::fsm::{Applied, Command};
 use crate::raft::{Configuration, EntryKind, MemberInfo, ProposeError, Raft, Role};
-use crate::storage::{RaftStore, StorageError};
+use crate::storage::{PersistInput, RaftStore, StorageError};
+
+/// The order of a Ready's storage writes; see [`Driver::persist_order`].
+enum PersistOrder {
+    Together,
+    ApplyFirst,
+    LogFirst,
+}
 
 /// Readies handled per cycle before the loop looks at its inputs again.
 const MAX_READIES_PER_CYCLE: usize = 16;
@@ -502,18 +512,112 @@ impl Driver {
     fn handle_ready(&mut self) -> Result<(), StorageError> {
         let mut ready = self.raft.ready();
         if ready.conf.is_some() {
-            // New members must be reachable before this Ready's messages to them go out.
-            self.reach_members();
+            // New members must be reachable before this Ready's messages to them go out,
+            // and a status answer must not show entries applied under a configuration older
+            // than theirs.
+            self.publish_conf();
         }
         let early = std::mem::take(&mut ready.early_messages);
         if !early.is_empty() {
             self.outbox.send(early);
         }
-        let outcomes = self.raft.store_mut().persist_ready(&ready)?;
         let messages = std::mem::take(&mut ready.messages);
+        let whole = PersistInput::from_ready(&ready);
+        let log_part = PersistInput {
+            committed: &[],
+            ..whole
+        };
+        let apply_part = PersistInput {
+            committed: &ready.committed_entries,
+            ..PersistInput::default()
+        };
+        match self.persist_order(&ready) {
+            PersistOrder::Together => {
+                let outcomes = self.raft.store_mut().persist(whole)?;
+                self.send_after_persist(messages);
+                self.finish_apply(&ready, outcomes)?;
+            }
+            PersistOrder::ApplyFirst => {
+                let outcomes = self.raft.store_mut().persist(apply_part)?;
+                self.finish_apply(&ready, outcomes)?;
+                self.raft.store_mut().persist(log_part)?;
+                self.send_after_persist(messages);
+            }
+            PersistOrder::LogFirst => {
+                self.raft.store_mut().persist(log_part)?;
+                self.send_after_persist(messages);
+                let outcomes = self.raft.store_mut().persist(apply_part)?;
+                self.finish_apply(&ready, outcomes)?;
+            }
+        }
+        for rs in std::mem::take(&mut ready.read_states) {
+            if let Some((_, waiting)) = self.asked.remove(&rs.ctx) {
+                self.indexed.push((rs.index, waiting));
+            }
+        }
+        self.raft.advance(&ready);
+        let applied = self.raft.applied();
+        self.publish
+            .status
+            .applied
+            .store(applied, Ordering::Release);
+        // Proposals at or below the applied index that were not answered above either lost
+        // their index to another term's entry, or had it covered by an installed snapshot.
+        while let Some(entry) = self.proposals.first_entry() {
+            if *entry.key() > applied {
+                break;
+            }
+            let pending = entry.remove();
+            let error = if ready.snapshot.is_some() {
+                Error::Indeterminate("entry covered by an installed snapshot".into())
+            } else {
+                self.not_leader()
+            };
+            let _ = pending.reply.send(Err(error));
+        }
+        self.serve_indexed(applied);
+        Ok(())
+    }
+
+    /// In which order a Ready's log writes and its applying go to storage. Both in one
+    /// transaction is the fewest commits, but then the applied entries' answers wait for
+    /// the fsync of the new entries. A leader's committed entries are durable already
+    /// (it counts itself only once durable), so it applies them first without fsync and
+    /// answers, then makes the new entries durable; a follower makes the new entries durable
+    /// first and acknowledges them, since the leader's commit waits on that, then applies.
+    /// A snapshot, or a single voter (whose entries commit as soon as they are durable),
+    /// keeps one transaction.
+    fn persist_order(&self, ready: &crate::raft::Ready) -> PersistOrder {
+        let split = ready.snapshot.is_none()
+            && !ready.entries.is_empty()
+            && !ready.committed_entries.is_empty()
+            && self.raft.conf().voters.len() > 1;
+        if !split {
+            return PersistOrder::Together;
+        }
+        let first_new = ready.entries.first().map_or(u64::MAX, |e| e.index);
+        let all_durable = ready.committed_entries.iter().all(|e| e.index < first_new);
+        if self.raft.role() == Role::Leader && all_durable {
+            PersistOrder::ApplyFirst
+        } else {
+            PersistOrder::LogFirst
+        }
+    }
+
+    /// Sends the Ready's messages that wait for its writes to be durable.
+    fn send_after_persist(&self, messages: Vec<crate::raft::Message>) {
         if !messages.is_empty() {
             self.outbox.send(messages);
         }
+    }
+
+    /// After a Ready's committed entries applied: activates a leadership whose own-term entry
+    /// applied, publishes the entries' events and the new indexes, answers their proposers.
+    fn finish_apply(
+        &mut self,
+        ready: &crate::raft::Ready,
+        outcomes: Vec<(u64, Applied)>,
+    ) -> Result<(), StorageError> {
         let term = self.raft.term();
         let own_term_applied = ready.committed_entries.iter().any(|e| e.term == term);
         if self.raft.role() == Role::Leader
@@ -573,32 +677,6 @@ impl Driver {
         for (reply, answer) in answers {
             let _ = reply.send(answer);
         }
-        for rs in std::mem::take(&mut ready.read_states) {
-            if let Some((_, waiting)) = self.asked.remove(&rs.ctx) {
-                self.indexed.push((rs.index, waiting));
-            }
-        }
-        self.raft.advance(&ready);
-        let applied = self.raft.applied();
-        self.publish
-            .status
-            .applied
-            .store(applied, Ordering::Release);
-        // Proposals at or below the applied index that were not answered above either lost
-        // their index to another term's entry, or had it covered by an installed snapshot.
-        while let Some(entry) = self.proposals.first_entry() {
-            if *entry.key() > applied {
-                break;
-            }
-            let pending = entry.remove();
-            let error = if ready.snapshot.is_some() {
-                Error::Indeterminate("entry covered by an installed snapshot".into())
-            } else {
-                self.not_leader()
-            };
-            let _ = pending.reply.send(Err(error));
-        }
-        self.serve_indexed(applied);
         Ok(())
     }
 
