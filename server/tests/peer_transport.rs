@@ -390,6 +390,20 @@ async fn next_frame(raw: &mut RawPeer) -> Option<PeerFrame> {
     next.map(|f| f.expect("valid frame"))
 }
 
+/// A connection to peer 1 at `addr1` played by hand as node 2 (incarnation 77), its `Hello`
+/// sent.
+async fn raw_hello_from_2(addr1: SocketAddr) -> RawPeer {
+    let stream = TcpStream::connect(addr1).await.unwrap();
+    let mut raw: RawPeer = Framed::new(stream, FrameCodec::new(1 << 20));
+    let hello = PeerMessage::Hello {
+        protocol_version: PEER_PROTOCOL_VERSION,
+        to: 1,
+        client_addr: "raw-2:1".to_string(),
+    };
+    raw.send(frame(2, 77, hello)).await.unwrap();
+    raw
+}
+
 /// A CI failure: a peer's `Hello` checked before the transport had its peer set was refused
 /// as from an unknown node, and the refused node exited (it took that for the cluster not
 /// knowing it). Hellos already queued on the listener when the transport starts must be
@@ -400,14 +414,7 @@ async fn hellos_queued_before_start_are_accepted() {
         let (l1, silent) = (listener().await, listener().await);
         let addr1 = l1.local_addr().unwrap();
         let addrs = BTreeMap::from([(1, addr1), (2, silent.local_addr().unwrap())]);
-        let stream = TcpStream::connect(addr1).await.unwrap();
-        let mut raw: RawPeer = Framed::new(stream, FrameCodec::new(1 << 20));
-        let hello = PeerMessage::Hello {
-            protocol_version: PEER_PROTOCOL_VERSION,
-            to: 1,
-            client_addr: "raw-2:1".to_string(),
-        };
-        raw.send(frame(2, 77, hello)).await.unwrap();
+        let mut raw = raw_hello_from_2(addr1).await;
         let a = TestPeer::start(config(1, &addrs), l1);
         let answer = next_frame(&mut raw).await.expect("an answer");
         assert!(
@@ -425,14 +432,7 @@ async fn every_frame_is_checked_against_the_handshake() {
     let addr1 = l1.local_addr().unwrap();
     let addrs = BTreeMap::from([(1, addr1), (2, silent.local_addr().unwrap())]);
     let mut a = TestPeer::start(config(1, &addrs), l1);
-    let stream = TcpStream::connect(addr1).await.unwrap();
-    let mut raw: RawPeer = Framed::new(stream, FrameCodec::new(1 << 20));
-    let hello = PeerMessage::Hello {
-        protocol_version: PEER_PROTOCOL_VERSION,
-        to: 1,
-        client_addr: "raw-2:1".to_string(),
-    };
-    raw.send(frame(2, 77, hello)).await.unwrap();
+    let mut raw = raw_hello_from_2(addr1).await;
     let ok = next_frame(&mut raw).await.expect("an answer");
     assert_eq!(
         ok,
