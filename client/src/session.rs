@@ -116,7 +116,7 @@ pub(crate) struct SessionShared {
     paused: std::sync::atomic::AtomicBool,
     /// The session's lock events, fanned out to its waiters and guards (started on the
     /// first acquire).
-    lock_hub: OnceLock<Arc<crate::recipes::lock::LockHub>>,
+    lock_hub: OnceLock<Arc<crate::recipes::lock_hub::LockHub>>,
 }
 
 impl SessionShared {
@@ -384,10 +384,10 @@ impl Session {
     }
 
     /// The session's lock event hub, started on first use.
-    pub(crate) fn lock_hub(&self) -> Arc<crate::recipes::lock::LockHub> {
+    pub(crate) fn lock_hub(&self) -> Arc<crate::recipes::lock_hub::LockHub> {
         self.shared
             .lock_hub
-            .get_or_init(|| crate::recipes::lock::LockHub::start(self))
+            .get_or_init(|| crate::recipes::lock_hub::LockHub::start(self))
             .clone()
     }
 

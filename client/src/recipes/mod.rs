@@ -11,3 +11,4 @@
 
 pub mod election;
 pub mod lock;
+pub(crate) mod lock_hub;
