@@ -33,8 +33,27 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Starts three nodes and waits until they agree on a leader. A node whose peer port was
+/// taken in the meantime (ports picked by `free_ports` are free only until somebody else,
+/// e.g. another node's outgoing connection, takes them) stops at once: then everything starts
+/// again on other ports.
 async fn start_cluster() -> Cluster {
-    let ports = free_ports(3);
+    for attempt in 1..=5 {
+        let cluster = start_cluster_on(&free_ports(3)).await;
+        match cluster.agreed_leader().await {
+            Ok(_) => return cluster,
+            Err(why) => {
+                eprintln!("cluster start, attempt {attempt}: {why}; again on other ports");
+                for (_, server) in cluster.servers {
+                    let _ = server.stop().await;
+                }
+            }
+        }
+    }
+    panic!("the cluster did not start in five attempts");
+}
+
+async fn start_cluster_on(ports: &[u16]) -> Cluster {
     let peers = (1..=3u64)
         .map(|id| format!("{id}=127.0.0.1:{}", ports[id as usize - 1]))
         .collect::<Vec<_>>()
@@ -63,10 +82,21 @@ async fn start_cluster() -> Cluster {
 impl Cluster {
     /// Waits until every node names the same leader; returns it.
     async fn leader(&self) -> u64 {
+        self.agreed_leader()
+            .await
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Waits until every node names the same leader; an error if a node stopped or they do
+    /// not agree in time.
+    async fn agreed_leader(&self) -> Result<u64, String> {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut leaders = Vec::new();
-            for server in self.servers.values() {
+            for (id, server) in &self.servers {
+                if !server.is_running() {
+                    return Err(format!("node {id} stopped"));
+                }
                 let mut raw = Raw::connect(server.addr).await;
                 if let (_, Ok(Reply::ClusterStatus(s))) = raw.request(Request::ClusterStatus).await
                 {
@@ -75,10 +105,12 @@ impl Cluster {
             }
             if leaders.len() == self.servers.len() && leaders.iter().all(|l| *l == leaders[0]) {
                 if let Some(leader) = leaders[0] {
-                    return leader;
+                    return Ok(leader);
                 }
             }
-            assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}");
+            if Instant::now() >= deadline {
+                return Err(format!("no agreed leader: {leaders:?}"));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -1,6 +1,9 @@
 //! Shared helpers of the server's integration tests: an in-process server on port 0 over a
-//! temp dir (or a given storage), and a raw protocol connection.
+//! temp dir (or a given storage), and a raw protocol connection; in [`process`], clusters of
+//! real `lockd` processes.
 #![allow(dead_code)]
+
+pub mod process;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +65,12 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Whether the server's task is still running (it ends early if, say, its peer port was
+    /// taken).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Graceful shutdown; returns the server's result.
