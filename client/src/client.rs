@@ -23,6 +23,11 @@ use crate::session::{self, Registry, Session, SessionShared};
 /// Longest wait for a hinted leader's handshake before the endpoints are tried instead.
 const HINT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Longest wait between retries of a request answered `NotLeader` (a leader change under
+/// way), whatever the configured backoff: the client notices the new leader at most this
+/// long after it is elected.
+const ELECTION_RETRY_CAP: Duration = Duration::from_millis(100);
+
 /// A handle to a lockd cluster. Cheap to clone: clones share one connection, the default
 /// session and the keepalive task.
 ///
@@ -500,6 +505,13 @@ impl Client {
                     delay = if redirected && !followed_hint {
                         followed_hint = true;
                         Duration::ZERO
+                    } else if matches!(e, lockd_protocol::Error::NotLeader { .. }) {
+                        // An election is under way: it takes about an election timeout, and
+                        // a backoff grown to its cap would add up to that cap after it. These
+                        // retries are bounded by the request's deadline, not by attempts
+                        // (frequent as they are, they would use them up during an election).
+                        attempts = attempts.saturating_sub(1);
+                        config.backoff.next(delay).min(ELECTION_RETRY_CAP)
                     } else {
                         config.backoff.next(delay)
                     };

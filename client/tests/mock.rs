@@ -614,3 +614,51 @@ async fn keepalives_continue_on_a_new_connection() {
     );
     drop(conn);
 }
+
+/// During an election every node answers `NotLeader` without a hint. The client retries at
+/// most every 100 ms whatever its backoff cap (so it notices the new leader soon after it is
+/// elected), and these retries are bounded by the request's deadline, not by its attempts.
+#[tokio::test]
+async fn not_leader_during_an_election_is_retried_often_until_the_deadline() {
+    let mock = Mock::new().await;
+    let addr = mock.addr.clone();
+    let answers_before_ok = 40u32;
+    // The client drops a connection that answered NotLeader and dials again (another
+    // endpoint may lead): one connection per answer.
+    let server = tokio::spawn(async move {
+        let mut gaps = Vec::new();
+        let mut last = tokio::time::Instant::now();
+        for _ in 0..answers_before_ok {
+            let mut conn = mock.accept(1, vec![]).await;
+            let (rid, _) = next_request(&mut conn).await;
+            gaps.push(last.elapsed());
+            last = tokio::time::Instant::now();
+            let electing = Err(protocol::Error::NotLeader { leader_hint: None });
+            reply(&mut conn, rid, 0, electing).await;
+        }
+        let mut conn = mock.accept(1, vec![]).await;
+        let (rid, _) = next_request(&mut conn).await;
+        gaps.push(last.elapsed());
+        reply(&mut conn, rid, 5, created("/w")).await;
+        (conn, gaps)
+    });
+    let mut cfg = config(&[&addr]);
+    cfg.backoff = Backoff {
+        initial: Duration::from_millis(5),
+        max: Duration::from_secs(2),
+    };
+    cfg.max_attempts = 8;
+    cfg.request_timeout = Duration::from_secs(20);
+    let client = Client::with_config(cfg).await.expect("connect");
+    let c = client
+        .create("/w", Vec::<u8>::new())
+        .await
+        .expect("the write succeeds once a leader is elected");
+    assert_eq!(c.revision, 5);
+    let (_conn, gaps) = server.await.expect("mock");
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    assert!(
+        longest < Duration::from_millis(500),
+        "a retry waited {longest:?} (gaps {gaps:?})"
+    );
+}
