@@ -251,7 +251,12 @@ impl<S: Storage> Raft<S> {
         if self.role == Role::Leader {
             self.tick_leader();
         } else {
-            if self.forwarded.tick(u64::from(self.cfg.election_tick)) {
+            // Sent again after two heartbeat intervals unanswered (a lost message must not
+            // hold up the reads behind it for long); dropped at the driver's read timeout
+            // (four election timeouts).
+            let resend_after = 2 * u64::from(self.cfg.heartbeat_tick);
+            let give_up_after = 4 * u64::from(self.cfg.election_tick);
+            if self.forwarded.tick(resend_after, give_up_after) {
                 self.forward_reads();
             }
             self.election_elapsed += 1;

@@ -100,12 +100,18 @@ impl ReadOnly {
 /// reads that arrive meanwhile wait for the next. They may not share the answer of the
 /// request in flight: the leader may have fixed that read index before they arrived, and a
 /// write acknowledged in between would then be missed (§6.4).
+///
+/// A request unanswered for a while (lost, or sent to a leader that stepped down) is sent
+/// again with the reads waiting since; reads older than the give-up age are dropped (the
+/// driver has failed them by then), so what is kept is bounded by the reads of that window.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardedReads {
     /// The request in flight, if any. Invariant: at most one.
     in_flight: Option<ForwardedBatch>,
-    /// Contexts of reads waiting for the next request, in arrival order.
-    waiting: Vec<u64>,
+    /// Reads waiting for the next request, in arrival order: (context, tick it arrived).
+    waiting: Vec<(u64, u64)>,
+    /// Ticks counted so far.
+    now: u64,
 }
 
 /// One `ReadIndex` request a follower sent its leader on behalf of several reads.
@@ -113,16 +119,16 @@ pub struct ForwardedReads {
 struct ForwardedBatch {
     /// Context the request carries: the last read's (read contexts are unique).
     ctx: u64,
-    /// Every read the request answers.
-    reads: Vec<u64>,
-    /// Ticks since it was sent.
-    ticks: u64,
+    /// Every read the request answers: (context, tick it arrived).
+    reads: Vec<(u64, u64)>,
+    /// Tick it was sent.
+    sent_at: u64,
 }
 
 impl ForwardedReads {
     /// Queues a read for the next request.
     pub fn add(&mut self, ctx: u64) {
-        self.waiting.push(ctx);
+        self.waiting.push((ctx, self.now));
     }
 
     /// Starts a request for the waiting reads if none is in flight; returns its context.
@@ -130,11 +136,11 @@ impl ForwardedReads {
         if self.in_flight.is_some() {
             return None;
         }
-        let ctx = *self.waiting.last()?;
+        let (ctx, _) = *self.waiting.last()?;
         self.in_flight = Some(ForwardedBatch {
             ctx,
             reads: std::mem::take(&mut self.waiting),
-            ticks: 0,
+            sent_at: self.now,
         });
         Some(ctx)
     }
@@ -142,31 +148,43 @@ impl ForwardedReads {
     /// The leader answered request `ctx`: the reads it carried, if it is the one in flight.
     pub fn answered(&mut self, ctx: u64) -> Option<Vec<u64>> {
         if self.in_flight.as_ref().is_some_and(|b| b.ctx == ctx) {
-            return self.in_flight.take().map(|b| b.reads);
+            let batch = self.in_flight.take()?;
+            return Some(batch.reads.into_iter().map(|(ctx, _)| ctx).collect());
         }
         None
     }
 
-    /// Counts a tick; a request unanswered for `timeout` ticks (lost, or sent to a leader
-    /// that stepped down) is given up and its reads wait for the next one. True if so.
-    pub fn tick(&mut self, timeout: u64) -> bool {
-        let Some(batch) = &mut self.in_flight else {
-            return false;
-        };
-        batch.ticks += 1;
-        if batch.ticks < timeout {
+    /// Counts a tick. A request unanswered for `resend_after` ticks is given up: its reads
+    /// younger than `give_up_after` ticks wait again, ahead of the others, and true says a
+    /// new request should go out. (A late answer to the old request still counts if the new
+    /// one carries the same reads: they all arrived before the old one was sent.)
+    pub fn tick(&mut self, resend_after: u64, give_up_after: u64) -> bool {
+        self.now += 1;
+        let now = self.now;
+        let due = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|b| now - b.sent_at >= resend_after);
+        if !due {
             return false;
         }
         let mut reads = self.in_flight.take().map(|b| b.reads).unwrap_or_default();
         reads.append(&mut self.waiting);
+        reads.retain(|&(_, arrived)| now - arrived < give_up_after);
         self.waiting = reads;
         true
     }
 
-    /// Drops every read (the leader is gone: callers retry).
+    /// Drops every read (no leader any more): the driver fails them at its read timeout.
     pub fn clear(&mut self) {
         self.in_flight = None;
         self.waiting.clear();
+    }
+
+    /// Reads kept, waiting or in flight.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting.len() + self.in_flight.as_ref().map_or(0, |b| b.reads.len())
     }
 }
 
@@ -194,19 +212,36 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_request_is_given_up_after_its_timeout_and_its_reads_go_again() {
+    fn an_unanswered_request_is_sent_again_and_old_reads_are_dropped() {
         let mut f = ForwardedReads::default();
-        f.add(1);
+        f.add(1); // arrives at tick 0
         assert_eq!(f.maybe_start(), Some(1));
-        f.add(2);
-        assert!(!f.tick(2));
-        assert!(f.tick(2));
+        assert!(!f.tick(2, 5), "tick 1: not due yet");
+        f.add(2); // arrives at tick 1
+        assert!(f.tick(2, 5), "tick 2: due");
         assert_eq!(
             f.answered(1),
             None,
-            "a late answer to the given-up request is ignored"
+            "given up: a late answer no longer counts"
+        );
+        assert_eq!(f.maybe_start(), Some(2), "one request for both reads");
+        assert_eq!(f.len(), 2);
+        assert!(!f.tick(2, 5), "tick 3");
+        assert!(
+            f.tick(2, 5),
+            "tick 4: due again, both reads younger than five ticks"
         );
         assert_eq!(f.maybe_start(), Some(2));
-        assert_eq!(f.answered(2), Some(vec![1, 2]));
+        assert_eq!(f.len(), 2);
+        assert!(!f.tick(2, 5), "tick 5");
+        assert!(
+            f.tick(2, 5),
+            "tick 6: due; both reads are five ticks old or more"
+        );
+        assert_eq!(f.maybe_start(), None);
+        assert_eq!(f.len(), 0, "nothing kept beyond the give-up age");
+        f.add(3);
+        assert_eq!(f.maybe_start(), Some(3));
+        assert_eq!(f.answered(3), Some(vec![3]));
     }
 }

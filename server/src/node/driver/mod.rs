@@ -267,7 +267,9 @@ impl Driver {
             asked: BTreeMap::new(),
             indexed: Vec::new(),
             deferred: Vec::new(),
-            next_ctx: 1,
+            // Random, not 1: an answer queued for this node's previous process (the leader's
+            // peer queue outlives a reconnect) must not match a read of this one.
+            next_ctx: (super::random_u64() >> 1) | 1,
             queued: Vec::new(),
             was_leader: false,
             duties: LeaderDuties::new(tick_ms),
