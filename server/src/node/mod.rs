@@ -154,6 +154,9 @@ impl Outbox for ClusterOutbox {
             .map(|(id, inc)| (id, (inc, addrs.get(&id).cloned().unwrap_or_default())))
             .collect()
     }
+    fn forget_identity(&self, id: u64) {
+        self.transport.forget_identity(id)
+    }
 }
 
 /// Resolves the peer addresses of the initial cluster.
@@ -543,7 +546,8 @@ impl Node {
     }
 }
 
-/// Eight random bytes from the OS, for the data directory's incarnation id.
+/// Eight random bytes from the OS, for the data directory's incarnation id and the loop's
+/// first read context.
 fn random_u64() -> u64 {
     use std::io::Read;
     let mut bytes = [0u8; 8];

@@ -45,6 +45,9 @@ pub trait Outbox: Send + 'static {
     fn peer_identities(&self) -> BTreeMap<u64, (u64, String)> {
         BTreeMap::new()
     }
+    /// Forgets the incarnation node `id` presented so far (it joins the configuration again:
+    /// its earlier handshakes may come from a data directory since wiped).
+    fn forget_identity(&self, _id: u64) {}
 }
 
 impl Outbox for PeerTransport {
@@ -68,6 +71,9 @@ impl<T: Outbox + Sync> Outbox for Arc<T> {
     }
     fn peer_identities(&self) -> BTreeMap<u64, (u64, String)> {
         (**self).peer_identities()
+    }
+    fn forget_identity(&self, id: u64) {
+        (**self).forget_identity(id)
     }
 }
 

@@ -171,6 +171,14 @@ impl Driver {
     /// it nothing once it forgot it).
     pub(super) fn reach_members(&mut self) {
         let conf = self.raft.conf().clone();
+        if !self.reached.members.is_empty() {
+            // A member that joins again (removed, maybe wiped, added back): what it told in
+            // handshakes before must not become its recorded identity (DESIGN §3a.9). Not at
+            // start-up, when every member is new here and its handshake is current.
+            for id in conf.ids().filter(|&id| !self.reached.contains(id)) {
+                self.outbox.forget_identity(id);
+            }
+        }
         for (&id, info) in &self.reached.members {
             if !conf.contains(id) {
                 self.departing.insert(id, info.clone());

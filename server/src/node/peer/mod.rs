@@ -468,6 +468,12 @@ impl PeerTransport {
         lock(&self.shared.incarnations).clone()
     }
 
+    /// Forgets the incarnation node `id` presented in its handshakes so far; its next
+    /// handshake tells it again.
+    pub fn forget_identity(&self, id: u64) {
+        lock(&self.shared.incarnations).remove(&id);
+    }
+
     /// Replaces the set of peers: new ones get a writer, removed ones lose theirs (and their
     /// queue), and a changed address or incarnation makes the writer reconnect.
     pub fn set_peers(&self, peers: BTreeMap<u64, PeerInfo>) {
