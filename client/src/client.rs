@@ -28,6 +28,10 @@ const HINT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// long after it is elected.
 const ELECTION_RETRY_CAP: Duration = Duration::from_millis(100);
 
+/// Shortest wait between those retries, whatever the configured backoff (even zero): they
+/// are not counted as attempts, so they must not spin.
+const ELECTION_RETRY_MIN: Duration = Duration::from_millis(10);
+
 /// A handle to a lockd cluster. Cheap to clone: clones share one connection, the default
 /// session and the keepalive task.
 ///
@@ -509,9 +513,15 @@ impl Client {
                         // An election is under way: it takes about an election timeout, and
                         // a backoff grown to its cap would add up to that cap after it. These
                         // retries are bounded by the request's deadline, not by attempts
-                        // (frequent as they are, they would use them up during an election).
-                        attempts = attempts.saturating_sub(1);
-                        config.backoff.next(delay).min(ELECTION_RETRY_CAP)
+                        // (frequent as they are, they would use them up during an election),
+                        // unless the client allows no retries at all.
+                        if config.max_attempts > 1 {
+                            attempts = attempts.saturating_sub(1);
+                        }
+                        config
+                            .backoff
+                            .next(delay)
+                            .clamp(ELECTION_RETRY_MIN, ELECTION_RETRY_CAP)
                     } else {
                         config.backoff.next(delay)
                     };

@@ -60,7 +60,9 @@ pub struct ClientConfig {
     pub default_session_ttl: Duration,
     /// Delays between reconnect rounds and retries.
     pub backoff: Backoff,
-    /// Most attempts for one call (each reconnect or retry is one attempt).
+    /// Most attempts for one call (each reconnect or retry is one attempt). With more than
+    /// one allowed, retries of a request answered `NotLeader` while a leader is elected do
+    /// not count: they go on (at least every 100 ms) until the request timeout.
     pub max_attempts: u32,
     /// Largest frame accepted from the server.
     pub max_frame: usize,
