@@ -38,7 +38,9 @@
 //!    answer to the final snapshot chunk, heartbeats, ReadIndex traffic (DESIGN §3a.1:
 //!    persist before send).
 //! 4. **Apply `committed_entries`** in order (they may include entries of this same Ready's
-//!    `entries`, hence after step 2). Client replies and pushed events go out only for applied
+//!    `entries`, hence after step 2; committed entries all below the first of `entries` are
+//!    durable since an earlier Ready, so a driver may apply those before steps 2-3, and a
+//!    leader does, to answer without waiting for the newer entries' fsync). Client replies and pushed events go out only for applied
 //!    entries. A `Config` entry changes nothing in the state machine's namespace; the store
 //!    records the configuration as of the applied index with it (same transaction), so
 //!    snapshots carry the configuration of their own index.
@@ -70,8 +72,9 @@
 //! [`Raft::tick`], client writes with [`Raft::propose`] (a `NotLeader` error carries the
 //! leader hint for the client), linearizable reads and keepalive batches with
 //! [`Raft::read_index`] (the returned [`ReadState`] proves a quorum confirmed this leader
-//! after the request arrived: DESIGN §3a.4 and §3a.6); then handle one Ready as above, in
-//! one write transaction with one fsync (group commit). Log compaction is the driver's
+//! after the request arrived: DESIGN §3a.4 and §3a.6); then handle one Ready as above: its
+//! writes with one fsync (group commit), its applying in the same transaction or, as the
+//! lockd driver does with several voters, in a second one without fsync. Log compaction is the driver's
 //! decision: snapshot the state machine at its applied index and discard entries some margin
 //! below it ([`MemStorage::create_snapshot`] and [`MemStorage::compact`] show the storage
 //! side). A restart rebuilds the core with [`Raft::new`] from storage, with

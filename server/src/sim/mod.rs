@@ -121,6 +121,9 @@ pub struct SimStats {
     pub reads: u64,
     /// Crashes.
     pub crashes: u64,
+    /// Crashes of a leader that had applied (and answered) committed entries of a Ready
+    /// before its new entries were durable (the lockd driver's order).
+    pub crashes_after_apply_first: u64,
     /// Snapshots installed from a leader.
     pub snapshots_installed: u64,
     /// Configuration changes appended by a leader.
@@ -419,6 +422,11 @@ impl Sim {
                 self.send(m);
             }
         }
+        self.go_down(id, raft, restart_at);
+    }
+
+    /// A crash's bookkeeping: what `raft` made durable is what the node restarts from.
+    fn go_down(&mut self, id: u64, raft: Raft<MemStorage>, restart_at: u64) {
         let n = self.node(id);
         n.down_store = Some(raft.store().clone());
         n.restart_at = restart_at;
@@ -502,6 +510,9 @@ impl Sim {
                 }
                 self.send(m);
             }
+            if self.apply_first_then_crash(id, &rd)? {
+                return Ok(());
+            }
             self.persist(id, &rd);
             for m in rd.messages.clone() {
                 self.check_durable(id, &m)?;
@@ -513,6 +524,31 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The lockd driver's order with several voters (`persist_order`): a leader applies the
+    /// committed entries below a Ready's first new entry, and answers their proposers, before
+    /// making the new entries durable. Sometimes crash right between the two (at ten times
+    /// the crash rate); true if it did.
+    fn apply_first_then_crash(&mut self, id: u64, rd: &Ready) -> Result<bool, String> {
+        let first_new = rd.entries.first().map_or(u64::MAX, |e| e.index);
+        let applies_first = rd.soft_state.role == Role::Leader
+            && rd.snapshot.is_none()
+            && !rd.entries.is_empty()
+            && !rd.committed_entries.is_empty()
+            && rd.committed_entries.iter().all(|e| e.index < first_new);
+        if !applies_first || !self.rng.random_bool((self.cfg.crash * 10.0).min(1.0)) {
+            return Ok(false);
+        }
+        let mut applied_part = rd.clone();
+        applied_part.read_states.clear();
+        self.apply(id, &applied_part)?;
+        let restart_at = self.now + self.rng.random_range(5..60);
+        if let Some(raft) = self.node(id).raft.take() {
+            self.go_down(id, raft, restart_at);
+            self.stats.crashes_after_apply_first += 1;
+        }
+        Ok(true)
     }
 
     /// Persist before send (DESIGN §3a.1): what a message claims is durable on its sender.

@@ -77,6 +77,7 @@ fn sim_runs_exercise_faults_snapshots_reads_and_membership() {
         });
         println!("seed {seed}: {s:?}");
         total.crashes += s.crashes;
+        total.crashes_after_apply_first += s.crashes_after_apply_first;
         total.snapshots_installed += s.snapshots_installed;
         total.reads += s.reads;
         total.acknowledged += s.acknowledged;
@@ -86,7 +87,10 @@ fn sim_runs_exercise_faults_snapshots_reads_and_membership() {
         total.transfers += s.transfers;
     }
     assert!(
-        total.crashes > 0 && total.snapshots_installed > 0 && total.reads > 0,
+        total.crashes > 0
+            && total.crashes_after_apply_first > 0
+            && total.snapshots_installed > 0
+            && total.reads > 0,
         "{total:?}"
     );
     assert!(

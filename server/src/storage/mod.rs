@@ -7,7 +7,8 @@
 //! acknowledged one. This module does no networking and knows nothing of clients.
 //!
 //! For replication, [`RaftStore`] (`raft_store.rs`) is the redb implementation of
-//! [`crate::raft::Storage`] and persists a whole Ready in one transaction; [`snapshot`] defines
+//! [`crate::raft::Storage`] and persists a Ready in one transaction, or its log writes and
+//! its applying in two; [`snapshot`] defines
 //! the snapshot format (a dump of the fsm tables at the applied index).
 
 pub mod backend;

@@ -1,7 +1,10 @@
 //! [`RaftStore`]: the redb-backed [`crate::raft::Storage`] the consensus core reads, and the
-//! durable side of the Ready contract ([`RaftStore::persist`]): one write transaction with
-//! `Durability::Immediate` per Ready, holding the snapshot install, the appended entries, the
-//! hard state, the application of committed entries with the applied index, and compaction.
+//! durable side of the Ready contract ([`RaftStore::persist`]): one write transaction holding
+//! what it is given of a Ready (the snapshot install, the appended entries, the hard state,
+//! the application of committed entries with the applied index, and compaction), with
+//! `Durability::Immediate` if it writes entries, a new term or vote, or a snapshot, and
+//! without fsync if it only applies. The driver passes a whole Ready, or its log part and its
+//! applying in two calls.
 //!
 //! Layout (same database as [`Storage`]): `raft_log` (index → entry), `raft_state` (`term`,
 //! `vote`, `commit`, `first_index`, `offset_term`: the first index held and the term of the
@@ -309,8 +312,9 @@ impl RaftStore {
         }))
     }
 
-    /// Persists a Ready (see [`PersistInput`]): in one write transaction made durable with one
-    /// fsync, installs the snapshot (verified first; the log suffix after it is kept only if
+    /// Persists a Ready, or part of one (see [`PersistInput`]): in one write transaction, made
+    /// durable with one fsync unless it only applies (and moves the commit index), installs
+    /// the snapshot (verified first; the log suffix after it is kept only if
     /// the entry at its index has its term, Figure 5.3), appends the entries (truncating a
     /// conflicting suffix), writes the hard state, applies the committed entries recording
     /// the applied index (and, for configuration entries, the configuration as of it), and

@@ -98,9 +98,11 @@ impl Driver {
 
     /// In which order a Ready's log writes and its applying go to storage. Both in one
     /// transaction is the fewest commits, but then the applied entries' answers wait for
-    /// the fsync of the new entries. A leader's committed entries are durable already
-    /// (it counts itself only once durable), so it applies them first without fsync and
-    /// answers, then makes the new entries durable; a follower makes the new entries durable
+    /// the fsync of the new entries. Committed entries all below the Ready's first new entry
+    /// were made durable by earlier Readies (each handled to the end before the next; this
+    /// holds for a leader removed from the configuration too, which commits without counting
+    /// itself), so a leader applies them first without fsync and answers, then makes the new
+    /// entries durable; a follower makes the new entries durable
     /// first and acknowledges them, since the leader's commit waits on that, then applies.
     /// A snapshot, or a single voter (whose entries commit as soon as they are durable),
     /// keeps one transaction.
