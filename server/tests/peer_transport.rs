@@ -732,23 +732,14 @@ async fn a_member_added_again_forgets_the_incarnation_it_had() {
     a.transport
         .set_peers(BTreeMap::from([(2, PeerInfo::from(addr2))]));
     assert!(a.transport.incarnations().is_empty());
-}
-
-/// The driver forgets what a member told in handshakes when the member joins the
-/// configuration again, even if no incarnation was ever recorded for it (removed before its
-/// identity was recorded, wiped, added back).
-#[tokio::test]
-async fn forget_identity_drops_a_learned_incarnation() {
-    let (l1, l2) = (listener().await, listener().await);
-    let addrs = BTreeMap::from([(1, l1.local_addr().unwrap()), (2, l2.local_addr().unwrap())]);
-    let a = TestPeer::start(config(1, &addrs), l1);
-    let mut b = TestPeer::start(config(2, &addrs), l2);
-    a.transport.send(vec![heartbeat(1, 2, 1)]);
-    assert_eq!(b.recv().await, heartbeat(1, 2, 1));
-    assert_eq!(
-        a.transport.incarnations(),
-        BTreeMap::from([(2, incarnation(2))])
-    );
+    // Learned again on the next handshake; the driver also forgets it when a member joins
+    // the configuration again without a recorded identity (removed before it was recorded).
+    a.transport.send(vec![heartbeat(1, 2, 2)]);
+    assert_eq!(b.recv().await, heartbeat(1, 2, 2));
+    wait_for("the incarnation learned again", || {
+        !a.transport.incarnations().is_empty()
+    })
+    .await;
     a.transport.forget_identity(2);
     assert!(a.transport.incarnations().is_empty());
 }
