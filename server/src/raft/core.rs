@@ -493,6 +493,14 @@ impl<S: Storage> Raft<S> {
                 MessageKind::PreVote { .. } => {
                     self.send(m.from, MessageKind::PreVoteResp { reject: true });
                 }
+                // §3.3: a stale request is rejected with the current term, so that its sender
+                // catches up. A candidate that only this node can elect may hear of the newer
+                // term no other way (this node, on an older configuration, may not count it
+                // as a voter and so never asks it for a vote): without the answer the two
+                // could campaign past each other forever (simulation seed 10193).
+                MessageKind::Vote { .. } => {
+                    self.send(m.from, MessageKind::VoteResp { reject: true });
+                }
                 _ => debug!(
                     id = self.id,
                     from = m.from,

@@ -74,6 +74,36 @@ fn s3_4_leader_election_one_vote_per_term() {
         .all(|m| m.kind == MessageKind::VoteResp { reject: true }));
 }
 
+/// §3.3: "If a server receives a request with a stale term number, it rejects the
+/// request", answering with its current term (which the candidate then adopts, as it does
+/// from any message of a newer term).
+#[test]
+fn s3_3_a_stale_vote_request_is_answered_with_the_current_term() {
+    let mut net = Network::new(3, |c| crate::raft::RaftConfig {
+        pre_vote: false,
+        ..c
+    });
+    net.tick_all(25);
+    let (leader, term) = net.leaders()[0];
+    let follower = (1..=3).find(|&id| id != leader).expect("a follower");
+    net.node(follower).step(Message {
+        from: 9,
+        to: follower,
+        term: term - 1,
+        kind: MessageKind::Vote {
+            last_index: 100,
+            last_term: term - 1,
+            transfer: false,
+        },
+    });
+    let rd = net.node(follower).ready();
+    let answer: Vec<&Message> = rd.messages.iter().filter(|m| m.to == 9).collect();
+    assert_eq!(answer.len(), 1, "{:?}", rd.messages);
+    assert_eq!(answer[0].kind, MessageKind::VoteResp { reject: true });
+    assert_eq!(answer[0].term, term);
+    net.node(follower).advance(&rd);
+}
+
 #[test]
 fn s3_4_randomized_timeout_in_range_and_seeded() {
     let mut net = Network::new(1, |c| c);
