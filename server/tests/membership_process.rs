@@ -20,7 +20,9 @@ use futures_util::StreamExt;
 use lockd_client::Client;
 use lockd_protocol::{Error as WireError, MemberChange};
 use support::process::load::{assert_no_write_lost, Load, Pause, SessionProbe};
-use support::process::membership::{change_members, fast, is_learner, is_member, RUN_MS};
+use support::process::membership::{
+    change_members, fast, is_learner, is_member, remove_member, RUN_MS,
+};
 use support::process::{ms, pinned_client, Cluster, How, SERIAL};
 
 // ---------------------------------------------------------------------------------------------
@@ -198,14 +200,7 @@ async fn wiped_member_is_refused_then_replaced() {
     assert!(cluster.status(victim).await.is_none());
 
     // The operator's path.
-    change_members(
-        &cluster,
-        &admin,
-        MemberChange::Remove { id: victim },
-        &rest,
-        |s| !is_member(s, victim),
-    )
-    .await;
+    remove_member(&cluster, &admin, victim, &rest).await;
     change_members(
         &cluster,
         &admin,
@@ -506,14 +501,7 @@ async fn learner_that_never_catches_up_is_not_promoted() {
     cluster
         .wait_configuration(&voters, &voters, &[4], Duration::from_secs(10))
         .await;
-    change_members(
-        &cluster,
-        &admin,
-        MemberChange::Remove { id: 4 },
-        &voters,
-        |s| !is_member(s, 4),
-    )
-    .await;
+    remove_member(&cluster, &admin, 4, &voters).await;
     cluster
         .wait_configuration(&voters, &voters, &[], Duration::from_secs(10))
         .await;

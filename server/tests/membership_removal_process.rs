@@ -13,9 +13,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use lockd_client::Client;
-use lockd_protocol::MemberChange;
 use support::process::load::{assert_no_write_lost, Load, SessionProbe};
-use support::process::membership::{change_members, fast, is_member, RUN_MS};
+use support::process::membership::{fast, remove_member, RUN_MS};
 use support::process::{ms, pinned, pinned_client, Cluster, SERIAL};
 
 /// What node `addr` answers to a linearizable read, by a client that does not move on.
@@ -85,14 +84,7 @@ async fn remove_a_follower_and_the_leader_under_load() {
     // A follower first.
     probe.mark(&format!("removing follower {follower}"));
     let mut voters: Vec<u64> = all.to_vec();
-    change_members(
-        &cluster,
-        &admin,
-        MemberChange::Remove { id: follower },
-        &voters,
-        |s| !is_member(s, follower),
-    )
-    .await;
+    remove_member(&cluster, &admin, follower, &voters).await;
     voters.retain(|&i| i != follower);
     cluster
         .wait_configuration(&voters, &voters, &[], Duration::from_secs(10))
@@ -116,14 +108,7 @@ async fn remove_a_follower_and_the_leader_under_load() {
     }
     let removed_at = Instant::now();
     probe.mark(&format!("removing leader {leader_now}"));
-    change_members(
-        &cluster,
-        &admin,
-        MemberChange::Remove { id: leader_now },
-        &voters,
-        |s| !is_member(s, leader_now),
-    )
-    .await;
+    remove_member(&cluster, &admin, leader_now, &voters).await;
     voters.retain(|&i| i != leader_now);
     let (new_leader, new_term) = cluster
         .agreed_leader(&voters, Duration::from_secs(10))
@@ -192,14 +177,7 @@ async fn session_of_a_client_on_a_removed_leader_survives() {
         .await
         .expect("connect admin");
     probe.mark(&format!("removing leader {leader}"));
-    change_members(
-        &cluster,
-        &admin,
-        MemberChange::Remove { id: leader },
-        &all,
-        |s| !is_member(s, leader),
-    )
-    .await;
+    remove_member(&cluster, &admin, leader, &all).await;
     let (new_leader, _) = cluster.agreed_leader(&rest, Duration::from_secs(10)).await;
     probe.mark(&format!("node {new_leader} leads"));
     // Three TTLs with only keepalives.
@@ -234,14 +212,7 @@ async fn writes_in_flight_on_a_removed_leader_are_answered() {
             .await;
         let follower = *all.iter().find(|&&i| i != leader).expect("a follower");
         let mut voters: Vec<u64> = all.iter().copied().filter(|&i| i != follower).collect();
-        change_members(
-            &cluster,
-            &admin,
-            MemberChange::Remove { id: follower },
-            &all,
-            |s| !is_member(s, follower),
-        )
-        .await;
+        remove_member(&cluster, &admin, follower, &all).await;
         load.run(
             Duration::from_millis(RUN_MS),
             30,
@@ -252,14 +223,7 @@ async fn writes_in_flight_on_a_removed_leader_are_answered() {
             .agreed_leader(&voters, Duration::from_secs(10))
             .await;
         let removed_at = Instant::now();
-        change_members(
-            &cluster,
-            &admin,
-            MemberChange::Remove { id: leader },
-            &voters,
-            |s| !is_member(s, leader),
-        )
-        .await;
+        remove_member(&cluster, &admin, leader, &voters).await;
         voters.retain(|&i| i != leader);
         let (new_leader, _) = cluster
             .agreed_leader(&voters, Duration::from_secs(10))
@@ -317,14 +281,7 @@ async fn removed_follower_is_told_it_was_removed() {
         let load = Load::start(&cluster.endpoints(&rest), "/f", 2).await;
         load.run(Duration::from_millis(200), 20, "before the removal")
             .await;
-        change_members(
-            &cluster,
-            &admin,
-            MemberChange::Remove { id: follower },
-            &all,
-            |s| !is_member(s, follower),
-        )
-        .await;
+        remove_member(&cluster, &admin, follower, &all).await;
         load.run(Duration::from_millis(200), 20, "after the removal")
             .await;
         load.stop().await;

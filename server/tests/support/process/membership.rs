@@ -106,6 +106,20 @@ impl Cluster {
     }
 }
 
+/// Removes member `id` (what `lockctl cluster remove` sends) through `admin`, as
+/// [`change_members`] does, until the answer shows it gone.
+pub async fn remove_member(
+    cluster: &Cluster,
+    admin: &Client,
+    id: u64,
+    among: &[u64],
+) -> ClusterStatus {
+    change_members(cluster, admin, MemberChange::Remove { id }, among, |s| {
+        !is_member(s, id)
+    })
+    .await
+}
+
 /// Proposes a membership change through `admin` (which follows the leader), retrying while
 /// the answer is "not now" (a leader change, another change or a transfer in progress).
 /// If an attempt's answer is lost, `done`, applied to the status of a node of `among` that
