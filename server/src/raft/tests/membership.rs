@@ -162,10 +162,7 @@ fn s4_2_1_learner_that_never_catches_up_is_never_counted_or_promoted() {
 fn s4_2_1_a_promoted_learner_votes_before_it_sees_its_promotion() {
     let mut conf = Configuration::with_voters([1, 2, 3]);
     conf.apply(&add(4));
-    let stores = (0..4)
-        .map(|_| MemStorage::new_with_conf(conf.clone()))
-        .collect();
-    let mut net = Network::with_stores(stores, |c| c);
+    let mut net = Network::with_conf(&conf);
     net.elect(1);
     net.propose(1);
     net.stabilize();
@@ -256,10 +253,7 @@ fn s4_1_a_lone_voter_cannot_remove_itself() {
 fn s4_1_no_change_before_the_new_leaders_first_commit_2015_bug() {
     let mut conf = Configuration::with_voters([1, 2, 3, 4]);
     conf.apply(&add(5));
-    let stores = (0..5)
-        .map(|_| MemStorage::new_with_conf(conf.clone()))
-        .collect();
-    let mut net = Network::with_stores(stores, |c| c);
+    let mut net = Network::with_conf(&conf);
     net.elect(1);
     net.propose(1);
     net.stabilize();

@@ -69,6 +69,15 @@ impl Network {
         Network::with_stores(stores, f)
     }
 
+    /// Nodes 1..=n (n = the configuration's members), each starting from `conf`.
+    pub fn with_conf(conf: &crate::raft::Configuration) -> Network {
+        let stores = conf
+            .ids()
+            .map(|_| MemStorage::new_with_conf(conf.clone()))
+            .collect();
+        Network::with_stores(stores, |c| c)
+    }
+
     /// Nodes 1..=n over the given storages.
     pub fn with_stores(stores: Vec<MemStorage>, f: impl Fn(RaftConfig) -> RaftConfig) -> Network {
         let mut nodes = BTreeMap::new();

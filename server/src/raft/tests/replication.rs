@@ -351,10 +351,7 @@ fn s3_8_restart_keeps_term_vote_and_log() {
 fn s4_2_1_learner_replicates_but_never_votes_or_counts() {
     let mut conf = crate::raft::Configuration::with_voters([1, 2, 3]);
     conf.learners.insert(4);
-    let stores = (0..4)
-        .map(|_| crate::raft::MemStorage::new_with_conf(conf.clone()))
-        .collect();
-    let mut net = Network::with_stores(stores, |c| c);
+    let mut net = Network::with_conf(&conf);
     net.elect(1);
     let i = net.propose(1);
     net.stabilize();

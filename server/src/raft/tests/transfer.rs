@@ -135,10 +135,7 @@ fn s3_10_transfer_targets_must_be_other_voters() {
 fn s3_10_learner_ignores_timeout_now() {
     let mut conf = crate::raft::Configuration::with_voters([1, 2, 3]);
     conf.learners.insert(4);
-    let stores = (0..4)
-        .map(|_| crate::raft::MemStorage::new_with_conf(conf.clone()))
-        .collect();
-    let mut net = Network::with_stores(stores, |c| c);
+    let mut net = Network::with_conf(&conf);
     net.elect(1);
     net.stabilize();
     let term = net.node(1).term();
