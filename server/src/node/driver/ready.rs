@@ -151,11 +151,12 @@ impl Driver {
         for (index, mut applied) in outcomes {
             last_revision = Some(index);
             events.append(&mut applied.events);
+            // Committed entries are in index order: no scan per outcome on the hot path.
             let entry_term = ready
                 .committed_entries
-                .iter()
-                .find(|e| e.index == index)
-                .map(|e| e.term);
+                .binary_search_by_key(&index, |e| e.index)
+                .ok()
+                .map(|i| ready.committed_entries[i].term);
             let ours = match self.proposals.remove(&index) {
                 Some(p) if Some(p.term) == entry_term => Some(p),
                 Some(other) => {
